@@ -1,0 +1,40 @@
+# rdd-lightning: `make demo` and `make test` are the whole set-up on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-fast lint format bench clean
+
+install: $(STAMP)  ## .venv with the package (editable) and its test extras; a no-op when nothing changed
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	@touch $(STAMP)
+
+demo: install  ## distil a student from an (auto-trained, cached) teacher on the synthetic dataset
+	$(PY) -m rdd_lightning.train task_name=demo
+	$(PY) -m rdd_lightning.report --latest logs/demo/runs
+
+test: install  ## the whole test suite (CPU, tiny data; what CI runs)
+	$(PY) -m pytest -q --durations=10
+
+test-fast: install  ## everything but the tests that train networks
+	$(PY) -m pytest -q -m "not slow"
+
+lint: install
+	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m ruff format --check src tests benchmarks
+
+format: install
+	$(PY) -m ruff format src tests benchmarks
+	$(PY) -m ruff check --fix src tests benchmarks
+
+bench: install  ## RDD loss cost at Cityscapes per-GPU scale
+	$(PY) benchmarks/rdd_losses.py
+
+clean:  ## remove caches and build files (keeps logs/ and .cache/: runs and cached teachers are yours)
+	rm -rf build dist src/*.egg-info .pytest_cache .ruff_cache .hypothesis
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,3 @@
+"""rdd-lightning: Relative Difficulty Distillation for semantic segmentation with Lightning and Hydra."""
+
+__version__ = "0.1.0"

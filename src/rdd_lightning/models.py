@@ -1,0 +1,223 @@
+"""Segmentation networks: any smp architecture/encoder plus RDD's FCN auxiliary head.
+
+Every network returns :class:`SegOutput` with logits at the decoder's own resolution (1/8 of the input
+for the dilated DeepLabV3/PSPNet of the paper); losses resize to the label size themselves.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import segmentation_models_pytorch as smp
+import torch
+from torch import Tensor, nn
+
+from rdd_lightning.errors import ConfigError
+
+
+@dataclass
+class SegOutput:
+    """What every network of this package returns.
+
+    Attributes:
+        logits: ``[B, C, h, w]`` main-head logits at the decoder's resolution.
+        aux_logits: ``[B, C, h', w']`` FCN auxiliary-head logits on the second-to-last encoder stage, or
+            ``None`` for a network without an auxiliary head.
+        features: the encoder's feature pyramid ``[x, 1/2, 1/4, 1/8, stage4, stage5]`` (smp order), for
+            feature-based distillation methods.
+    """
+
+    logits: Tensor
+    aux_logits: Tensor | None
+    features: list[Tensor]
+
+
+class FCNHead(nn.Sequential):
+    """FCN auxiliary head: 3x3 conv -> BN -> ReLU -> Dropout(0.1) -> 1x1 conv, inner channels = in / 4."""
+
+    def __init__(self, in_channels: int, num_classes: int, dropout: float = 0.1):
+        inner = in_channels // 4
+        super().__init__(
+            nn.Conv2d(in_channels, inner, kernel_size=3, padding=1, bias=False),
+            nn.BatchNorm2d(inner),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Conv2d(inner, num_classes, kernel_size=1),
+        )
+
+
+class SegmentationNet(nn.Module):
+    """An smp model (encoder, decoder, segmentation head) with an optional FCN auxiliary head.
+
+    Args:
+        arch: smp architecture name (``DeepLabV3``, ``PSPNet``, ``Unet``, ... any of ``smp.create_model``).
+        encoder_name: smp encoder name (``resnet18``, ``resnet101``, ``mobilenet_v2``, ``tu-...``).
+        num_classes: number of output classes C.
+        encoder_weights: ``None`` (random init), an smp weight name such as ``imagenet`` (must be in the local
+            Hugging Face cache when offline) or a path to a local encoder state-dict file (``.pth``/``.pt``/
+            ``.safetensors``; torchvision ImageNet checkpoints load as they are).
+        aux_head: add the FCN auxiliary head on the encoder's second-to-last stage.
+        **arch_kwargs: passed to the smp architecture (``encoder_output_stride``, ``decoder_channels``,
+            ``upsampling``, ``encoder_depth``, ...).
+    """
+
+    def __init__(
+        self,
+        arch: str,
+        encoder_name: str,
+        num_classes: int,
+        encoder_weights: str | None = None,
+        aux_head: bool = True,
+        in_channels: int = 3,
+        **arch_kwargs: Any,
+    ):
+        super().__init__()
+        self.arch = arch
+        self.encoder_name = encoder_name
+        self.num_classes = num_classes
+        try:
+            self.net = smp.create_model(
+                arch,
+                encoder_name=encoder_name,
+                encoder_weights=None,
+                in_channels=in_channels,
+                classes=num_classes,
+                **arch_kwargs,
+            )
+        except (KeyError, ValueError, TypeError) as err:
+            raise ConfigError(
+                f"cannot build smp model arch={arch!r} encoder_name={encoder_name!r} with {arch_kwargs}: {err}"
+            ) from err
+        if encoder_weights is not None:
+            load_encoder_weights(self.net.encoder, encoder_name, encoder_weights)
+        self.aux_head = FCNHead(self.net.encoder.out_channels[-2], num_classes) if aux_head else None
+
+    @property
+    def output_stride(self) -> int:
+        """Input sizes must be multiples of this (the encoder's total stride)."""
+        return int(self.net.encoder.output_stride)
+
+    def forward(self, x: Tensor) -> SegOutput:
+        """``x``: ``[B, 3, H, W]`` normalised images, H and W multiples of :attr:`output_stride`."""
+        self.net.check_input_shape(x)
+        features = self.net.encoder(x)
+        logits = self.net.segmentation_head(self.net.decoder(features))
+        aux = self.aux_head(features[-2]) if self.aux_head is not None else None
+        return SegOutput(logits=logits, aux_logits=aux, features=features)
+
+    def describe(self) -> dict[str, Any]:
+        """Identity of the architecture, stored in checkpoints and checked when a teacher is loaded."""
+        return {
+            "arch": self.arch,
+            "encoder_name": self.encoder_name,
+            "num_classes": self.num_classes,
+            "aux_head": self.aux_head is not None,
+        }
+
+
+def build_model(
+    arch: str,
+    encoder_name: str,
+    num_classes: int,
+    encoder_weights: str | None = None,
+    aux_head: bool = True,
+    **arch_kwargs: Any,
+) -> SegmentationNet:
+    """Factory used by the ``student``/``teacher`` configs (``_target_: rdd_lightning.models.build_model``)."""
+    return SegmentationNet(arch, encoder_name, num_classes, encoder_weights, aux_head, **arch_kwargs)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+# --------------------------------------------------------------------------------------- encoder weights
+def load_encoder_weights(encoder: nn.Module, encoder_name: str, weights: str) -> None:
+    """Load ``weights`` (a local file or an smp weight name) into ``encoder``, failing fast when offline."""
+    path = Path(os.path.expanduser(str(weights)))
+    if path.suffix in {".pth", ".pt", ".bin", ".safetensors"} or path.exists():
+        if not path.is_file():
+            raise ConfigError(
+                f"encoder_weights={weights!r}: file not found. Pass an existing encoder state-dict file "
+                f"(.pth/.pt/.safetensors), an smp weight name such as 'imagenet', or null for random init."
+            )
+        state = _read_state_dict(path)
+        try:
+            encoder.load_state_dict(state)
+        except RuntimeError as err:
+            raise ConfigError(
+                f"encoder_weights={str(path)!r} does not fit encoder {encoder_name!r}: {str(err)[:400]}"
+            ) from err
+        return
+    weights_path = _resolve_smp_weights(encoder_name, str(weights))
+    from safetensors.torch import load_file
+
+    encoder.load_state_dict(load_file(weights_path, device="cpu"))
+
+
+def _read_state_dict(path: Path) -> dict[str, Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    return state
+
+
+def _resolve_smp_weights(encoder_name: str, weights: str) -> str:
+    """Path of smp's ``model.safetensors`` for ``encoder_name``/``weights``, from the cache or the Hub.
+
+    smp would otherwise retry an unreachable Hub for about half a minute; here a missing cache entry is
+    answered within seconds when the Hub cannot be reached.
+    """
+    from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
+    from segmentation_models_pytorch.encoders import encoders as smp_encoders
+
+    if encoder_name.startswith("tu-") or encoder_name not in smp_encoders:
+        raise ConfigError(
+            f"encoder_weights={weights!r} for encoder {encoder_name!r}: named weights are supported for smp's "
+            f"own encoders; for timm ('tu-') encoders pass a local state-dict file or null."
+        )
+    settings = smp_encoders[encoder_name]["pretrained_settings"]
+    if weights not in settings:
+        raise ConfigError(
+            f"encoder_weights={weights!r} is neither a file nor a weight name of encoder {encoder_name!r} "
+            f"(known names: {sorted(settings)}); pass a path to a local state-dict file or null."
+        )
+    repo_id, revision = settings[weights]["repo_id"], settings[weights].get("revision")
+    cached = try_to_load_from_cache(repo_id, "model.safetensors", revision=revision)
+    if isinstance(cached, str):
+        return cached
+    hint = (
+        f"encoder_weights={weights!r} for {encoder_name!r} is not in the local Hugging Face cache "
+        f"({constants.HF_HUB_CACHE}) and the Hub cannot be reached. Pre-fill the cache on a machine with "
+        f'internet (python -c "import segmentation_models_pytorch as smp; '
+        f"smp.encoders.get_encoder('{encoder_name}', weights='{weights}')\") and copy it here, or pass a local "
+        f"file: student.encoder_weights=/path/to/{encoder_name}.pth (a torchvision ImageNet checkpoint works), "
+        f"or train from scratch with encoder_weights=null."
+    )
+    if constants.HF_HUB_OFFLINE or not _reachable(constants.ENDPOINT):
+        raise ConfigError(hint)
+    try:
+        hf_hub_download(repo_id, filename="config.json", revision=revision)
+        return hf_hub_download(repo_id, filename="model.safetensors", revision=revision)
+    except Exception as err:  # network errors of many kinds
+        raise ConfigError(f"{hint} ({type(err).__name__}: {err})") from err
+
+
+def _reachable(url: str, timeout: float = 3.0) -> bool:
+    parsed = urlparse(url)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parsed.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False

@@ -1,0 +1,161 @@
+"""DistillationModule: a trainable student, an optional frozen teacher, the objective, metrics and optim."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassConfusionMatrix
+
+from rdd_lightning.distillation import DistillationObjective
+from rdd_lightning.models import SegmentationNet
+
+
+def iou_from_confusion(confmat: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-class IoU ``[C]`` (NaN for classes absent from both prediction and labels) and pixel accuracy.
+
+    ``confmat[i, j]`` counts pixels of true class ``i`` predicted as ``j``.
+    """
+    confmat = confmat.double()
+    tp = confmat.diag()
+    union = confmat.sum(0) + confmat.sum(1) - tp
+    iou = torch.where(union > 0, tp / union.clamp_min(1), torch.full_like(tp, float("nan")))
+    acc = tp.sum() / confmat.sum().clamp_min(1)
+    return iou, acc
+
+
+class DistillationModule(L.LightningModule):
+    """Trains ``student`` (optionally distilled from a frozen ``teacher``) with ``objective``.
+
+    Args:
+        student: the trainable network.
+        teacher: a frozen network or ``None`` (plain supervised training). It is put in eval mode with
+            ``requires_grad=False``, forwarded under ``no_grad``, left out of the optimizer, and left out of
+            checkpoints (it is rebuilt from ``teacher.checkpoint`` when a run resumes).
+        objective: the loss of a step (built from the ``distillation`` config).
+        optimizer: ``params -> Optimizer`` (a Hydra ``_partial_``).
+        scheduler: ``(optimizer, total_iters) -> LRScheduler``, stepped every iteration, or ``None``.
+        num_classes, class_names, ignore_index: label space of the dataset.
+        metadata: stored under ``checkpoint["rdd_lightning"]`` (architecture, dataset) so a checkpoint can be
+            checked when it is loaded as a teacher.
+    """
+
+    def __init__(
+        self,
+        student: SegmentationNet,
+        teacher: SegmentationNet | None,
+        objective: DistillationObjective,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., Any] | None,
+        num_classes: int,
+        class_names: Sequence[str],
+        ignore_index: int = 255,
+        metadata: dict[str, Any] | None = None,
+    ):
+        super().__init__()
+        # Plain values only, so checkpoints load with torch.load(weights_only=True).
+        self.save_hyperparameters(
+            ignore=["student", "teacher", "objective", "optimizer", "scheduler"], logger=False
+        )
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.student = student
+        self.teacher = teacher
+        if teacher is not None:
+            teacher.eval().requires_grad_(False)
+        self.objective = objective
+        self.class_names = list(class_names)
+        self.ignore_index = ignore_index
+        self.metadata = dict(metadata or {})
+        self.val_confmat = MulticlassConfusionMatrix(num_classes, ignore_index=ignore_index)
+        self.last_val: dict[str, Any] = {}
+
+    # ---------------------------------------------------------------------------------------- teacher
+    def train(self, mode: bool = True) -> DistillationModule:
+        """Lightning toggles train/eval around validation; the teacher stays in eval mode throughout."""
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    def teacher_forward(self, images: Tensor):
+        if self.teacher is None or not self.objective.needs_teacher:
+            return None
+        with torch.no_grad():
+            return self.teacher(images)
+
+    # ---------------------------------------------------------------------------------------- steps
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        images, target = batch["image"], batch["mask"]
+        out = self.student(images)
+        losses = self.objective(out, self.teacher_forward(images), target)
+        self.log("train/loss", losses["loss"], prog_bar=True, batch_size=images.shape[0])
+        self.log_dict({f"train/{k}": v for k, v in losses.items() if k != "loss"}, batch_size=images.shape[0])
+        return losses["loss"]
+
+    @torch.no_grad()
+    def predict_logits(self, images: Tensor, net: nn.Module | None = None) -> Tensor:
+        """Whole-image logits ``[B, C, H, W]`` at the input size.
+
+        Inputs whose size is not a multiple of the network's stride are zero-padded at the bottom/right and
+        the upsampled logits are cropped back.
+        """
+        net = net or self.student
+        h, w = images.shape[-2:]
+        stride = getattr(net, "output_stride", 1)
+        ph, pw = (-h) % stride, (-w) % stride
+        padded = F.pad(images, (0, pw, 0, ph)) if (ph or pw) else images
+        logits = net(padded).logits.float()
+        logits = F.interpolate(logits, size=padded.shape[-2:], mode="bilinear", align_corners=True)
+        return logits[..., :h, :w]
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        preds = self.predict_logits(batch["image"]).argmax(1)
+        self.val_confmat.update(preds, batch["mask"])
+
+    def on_validation_epoch_end(self) -> None:
+        iou, acc = iou_from_confusion(self.val_confmat.compute())
+        self.val_confmat.reset()
+        miou = torch.nanmean(iou) * 100
+        self.log("val/mIoU", miou.float(), prog_bar=True, sync_dist=False)
+        self.log("val/aAcc", (acc * 100).float())
+        self.log_dict(
+            {f"val/IoU/{name}": (v * 100).float() for name, v in zip(self.class_names, iou) if not v.isnan()}
+        )
+        self.last_val = {
+            "miou": float(miou),
+            "pixel_acc": float(acc * 100),
+            "per_class_iou": {
+                n: (None if v.isnan() else float(v * 100)) for n, v in zip(self.class_names, iou)
+            },
+            "global_step": int(self.global_step),
+            "sanity": bool(self.trainer.sanity_checking),
+        }
+
+    # ---------------------------------------------------------------------------------------- optim
+    def configure_optimizers(self) -> dict[str, Any]:
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params=params)
+        if self.scheduler_factory is None:
+            return {"optimizer": optimizer}
+        total = self.trainer.estimated_stepping_batches
+        if not total or total == float("inf"):
+            raise ValueError(
+                "a per-iteration LR schedule needs trainer.max_steps or trainer.max_epochs to be set"
+            )
+        scheduler = self.scheduler_factory(optimizer=optimizer, total_iters=int(total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---------------------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith("teacher.")]:
+            del state[key]
+        checkpoint["rdd_lightning"] = {**self.metadata, "student": self.student.describe()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.teacher is not None:
+            checkpoint["state_dict"].update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})

@@ -1,0 +1,131 @@
+"""Loading a frozen teacher from a checkpoint of this package, and the synthetic dataset's auto-teacher."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from filelock import FileLock
+
+from rdd_lightning.errors import ConfigError
+from rdd_lightning.models import SegmentationNet
+
+TEACHER_RECIPE = "experiment=synthetic_teacher"
+
+
+def train_teacher_command(teacher_choice: str, dataset_choice: str) -> str:
+    """The command that trains a teacher of architecture ``teacher_choice`` on ``dataset_choice``."""
+    return (
+        f"python -m rdd_lightning.train dataset={dataset_choice} student={teacher_choice} "
+        f"distillation=none task_name=teacher"
+    )
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"checkpoint file not found: {str(path)!r}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle, zip and format errors of many kinds
+        raise ConfigError(f"cannot read checkpoint {str(path)!r}: {err}") from err
+
+
+def network_state_dict(checkpoint: dict[str, Any], prefix: str = "student.") -> dict[str, torch.Tensor]:
+    """The trained network's weights from a Lightning checkpoint of this package (or a bare state dict)."""
+    state = checkpoint.get("state_dict", checkpoint)
+    if any(k.startswith(prefix) for k in state):
+        return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    return state
+
+
+def load_teacher(
+    net: SegmentationNet, checkpoint_path: str | os.PathLike, *, config_hint: str = "teacher"
+) -> SegmentationNet:
+    """Load ``checkpoint_path`` into ``net`` after checking architecture and class count; return it frozen.
+
+    A checkpoint written by this package records the trained network's description; a mismatch with the
+    teacher config raises a :class:`ConfigError` naming both. Bare state dicts are loaded strictly.
+    """
+    checkpoint = read_checkpoint(checkpoint_path)
+    recorded = (checkpoint.get("rdd_lightning") or {}).get("student")
+    expected = net.describe()
+    if recorded is not None:
+        diffs = {k: (recorded.get(k), v) for k, v in expected.items() if recorded.get(k) != v}
+        if diffs:
+            detail = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diffs.items())
+            raise ConfigError(
+                f"{config_hint}.checkpoint={str(checkpoint_path)!r} holds a different network than the "
+                f"{config_hint} config ({detail}). Choose the {config_hint} config that matches the checkpoint, "
+                f"or a checkpoint of this architecture."
+            )
+    try:
+        net.load_state_dict(network_state_dict(checkpoint))
+    except RuntimeError as err:
+        raise ConfigError(
+            f"{config_hint}.checkpoint={str(checkpoint_path)!r} does not fit the {config_hint} config "
+            f"{expected}: {str(err)[:500]}"
+        ) from err
+    return net.eval().requires_grad_(False)
+
+
+def auto_teacher_checkpoint(
+    *,
+    cache_dir: str | os.PathLike,
+    teacher_choice: str,
+    teacher_cfg: dict[str, Any],
+    dataset_overrides: list[str],
+    dataset_prepare: dict[str, Any],
+    seed: int,
+) -> Path:
+    """Train (once) and cache a teacher on the synthetic dataset with the package's teacher recipe.
+
+    The cache key covers the teacher architecture, the dataset generator parameters, the dataset overrides
+    and the seed, so a change of any of them trains a new teacher instead of reusing a wrong one. A file
+    lock makes concurrent runs (DDP ranks, sweep jobs) wait for one training instead of racing.
+    """
+    key_src = json.dumps(
+        {
+            "teacher": teacher_cfg,
+            "prepare": dataset_prepare,
+            "overrides": sorted(dataset_overrides),
+            "seed": seed,
+            "recipe": TEACHER_RECIPE,
+        },  # fmt: skip
+        sort_keys=True,
+        default=str,
+    )
+    key = hashlib.sha1(key_src.encode()).hexdigest()[:10]
+    folder = Path(cache_dir) / "teachers" / f"synthetic-{teacher_choice}-{key}"
+    target = folder / "teacher.ckpt"
+    folder.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder / ".lock")):
+        if target.is_file():
+            return target
+        run_dir = folder / "run"
+        if run_dir.exists():  # an interrupted earlier attempt; keep it for inspection
+            run_dir.rename(folder / f"run-interrupted-{os.getpid()}")
+        cmd = [
+            sys.executable, "-m", "rdd_lightning.train", TEACHER_RECIPE, f"student={teacher_choice}",
+            f"seed={seed}", "logger=csv", f"hydra.run.dir={run_dir}", *dataset_overrides,
+        ]  # fmt: skip
+        print(f"[rdd_lightning] no cached teacher for teacher={teacher_choice}; training one: {' '.join(cmd[1:])}",
+              flush=True)  # fmt: skip
+        result = subprocess.run(cmd, check=False)
+        best = run_dir / "checkpoints" / "best.ckpt"
+        if result.returncode != 0 or not best.is_file():
+            raise ConfigError(
+                f"training the synthetic teacher failed (exit {result.returncode}); see {run_dir}. "
+                f"Train one yourself with `{train_teacher_command(teacher_choice, 'synthetic')}` and pass "
+                f"teacher.checkpoint=<its checkpoints/best.ckpt>."
+            )
+        shutil.copyfile(best, folder / "teacher.ckpt.tmp")
+        os.replace(folder / "teacher.ckpt.tmp", target)
+    return target
