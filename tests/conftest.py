@@ -25,6 +25,7 @@ TINY = [
     "~callbacks.progress_bar",
     "trainer.enable_model_summary=false",
     "logger=csv",
+    "trainer.log_every_n_steps=1",
 ]
 
 

@@ -140,3 +140,22 @@ def test_cli_offline_imagenet_weights(tmp_path):
                    f"paths.cache_dir={tmp_path / 'cache'}")  # fmt: skip
     assert proc.returncode == 2
     assert "encoder_weights='imagenet'" in proc.stderr and "encoder_weights=null" in proc.stderr
+
+
+@pytest.mark.parametrize("distillation", ["rdd", "tse"])
+def test_rdd_run_end_to_end(train_cfg, distillation):
+    ckpt = teacher_checkpoint(train_cfg)
+    cfg = train_cfg(f"distillation={distillation}", *TEACHER_FAST, f"teacher.checkpoint={ckpt}",
+                    "trainer.max_steps=3", "trainer.val_check_interval=3", "distillation.switch.step=1",
+                    "distillation.switch.fraction=null", "distillation.tse.min_kept=100")  # fmt: skip
+    results = run(cfg)
+    assert results["distillation"] == distillation and results["global_step"] == 3
+    metrics = (Path(cfg.paths.output_dir) / "csv" / "metrics.csv").read_text().splitlines()[0]
+    assert "train/tse_selected_fraction" in metrics and "train/loss_kd" in metrics
+
+
+def test_tfe_needs_a_teacher_aux_head(train_cfg):
+    ckpt = teacher_checkpoint(train_cfg)
+    cfg = train_cfg("distillation=rdd", *TEACHER_FAST, f"teacher.checkpoint={ckpt}", "teacher.aux_head=false")
+    with pytest.raises(ConfigError, match="aux"):
+        run(cfg)

@@ -123,13 +123,17 @@ class DistillationModule(L.LightningModule):
         self.log("val/mIoU", miou.float(), prog_bar=True, sync_dist=False)
         self.log("val/aAcc", (acc * 100).float())
         self.log_dict(
-            {f"val/IoU/{name}": (v * 100).float() for name, v in zip(self.class_names, iou) if not v.isnan()}
+            {
+                f"val/IoU/{name}": (v * 100).float()
+                for name, v in zip(self.class_names, iou, strict=True)
+                if not v.isnan()
+            }
         )
         self.last_val = {
             "miou": float(miou),
             "pixel_acc": float(acc * 100),
             "per_class_iou": {
-                n: (None if v.isnan() else float(v * 100)) for n, v in zip(self.class_names, iou)
+                n: (None if v.isnan() else float(v * 100)) for n, v in zip(self.class_names, iou, strict=True)
             },
             "global_step": int(self.global_step),
             "sanity": bool(self.trainer.sanity_checking),

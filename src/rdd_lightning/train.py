@@ -10,6 +10,7 @@ import json
 import logging
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -220,6 +221,8 @@ def find_config_error(err: BaseException | None) -> ConfigError | None:
 @hydra.main(version_base="1.3", config_path="pkg://rdd_lightning.conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     torch.set_float32_matmul_precision("high")
+    # the frozen teacher is in eval mode on purpose
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     try:
         results = run(cfg)
     except Exception as err:
