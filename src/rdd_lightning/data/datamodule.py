@@ -1,0 +1,129 @@
+"""The LightningDataModule: one dataset class, its root, the recipe's augmentation and loaders."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+from hydra.utils import get_class
+import torch
+from torch.utils.data import DataLoader
+
+from rdd_lightning.data.base import SegmentationDataset
+from rdd_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
+from rdd_lightning.errors import ConfigError
+
+
+class SegmentationDataModule(L.LightningDataModule):
+    """Train/val(/test) loaders of one dataset.
+
+    Args:
+        name: dataset name (for logs and results).
+        dataset_class: dotted path of a :class:`SegmentationDataset` subclass.
+        root: dataset folder.
+        num_classes: classes of the dataset (checked against the class).
+        crop_size: ``[h, w]`` training crop.
+        batch_size: training images per process (per GPU under DDP); at least 2 (BatchNorm on ASPP pooling).
+        val_batch_size: validation images per process (1 for datasets whose images differ in size).
+        num_workers: loader workers per process.
+        scale_range, hflip, mean, std: augmentation and normalisation.
+        train_split, val_split, test_split: which split each stage reads.
+        prepare: keyword arguments of ``dataset_class.prepare(root, **prepare)`` when the class can
+            generate its data (the synthetic dataset), run once by ``prepare_data``.
+        recipe: the dataset's training recipe (``max_steps``, ``val_check_interval``, ``lr``,
+            ``weight_decay``); the trainer and optimizer configs read it, the datamodule only keeps it.
+        teacher_checkpoint: the default of ``teacher.checkpoint`` on this dataset (``auto`` on the synthetic
+            dataset); read by the teacher config, kept here for reference.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        dataset_class: str,
+        root: str,
+        num_classes: int,
+        crop_size: Sequence[int],
+        batch_size: int = 8,
+        val_batch_size: int = 1,
+        num_workers: int = 4,
+        scale_range: Sequence[float] = (0.5, 2.0),
+        hflip: float = 0.5,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        train_split: str = "train",
+        val_split: str = "val",
+        test_split: str = "test",
+        prepare: dict[str, Any] | None = None,
+        class_names: Sequence[str] | None = None,
+        ignore_index: int = 255,
+        recipe: dict[str, Any] | None = None,
+        teacher_checkpoint: str | None = None,
+    ):
+        super().__init__()
+        self.name = name
+        self.dataset_cls: type[SegmentationDataset] = get_class(dataset_class)
+        self.root = str(root)
+        if num_classes != self.dataset_cls.NUM_CLASSES:
+            raise ConfigError(
+                f"dataset.num_classes={num_classes} but {dataset_class} has {self.dataset_cls.NUM_CLASSES} classes"
+            )
+        if batch_size < 2:
+            raise ConfigError(
+                f"dataset.batch_size={batch_size}: training needs at least 2 images per process "
+                f"(BatchNorm in DeepLabV3's image-pooling branch); use 2 or more"
+            )
+        if len(crop_size) != 2:
+            raise ConfigError(f"dataset.crop_size={list(crop_size)}: expected [height, width]")
+        self.num_classes = num_classes
+        self.class_names = list(class_names or self.dataset_cls.CLASS_NAMES)
+        self.ignore_index = ignore_index
+        self.batch_size, self.val_batch_size, self.num_workers = batch_size, val_batch_size, num_workers
+        self.splits = {"train": train_split, "val": val_split, "test": test_split}
+        self.prepare_kwargs = dict(prepare or {})
+        self.recipe = dict(recipe or {})
+        self.teacher_checkpoint = teacher_checkpoint
+        self.train_tf = train_transform(crop_size, scale_range, hflip, mean, std)
+        self.eval_tf = eval_transform(mean, std)
+        self.datasets: dict[str, SegmentationDataset] = {}
+
+    def prepare_data(self) -> None:
+        prepare = getattr(self.dataset_cls, "prepare", None)
+        if prepare is not None:
+            prepare(self.root, **self.prepare_kwargs)
+
+    def dataset(self, stage: str) -> SegmentationDataset:
+        """The dataset of ``stage`` (``train``/``val``/``test``), built on first use."""
+        if stage not in self.datasets:
+            transform = self.train_tf if stage == "train" else self.eval_tf
+            self.datasets[stage] = self.dataset_cls(self.root, self.splits[stage], transform)
+        return self.datasets[stage]
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit"):
+            self.dataset("train")
+            self.dataset("val")
+        elif stage == "validate":
+            self.dataset("val")
+        elif stage in ("test", "predict"):
+            self.dataset("test")
+
+    def _loader(self, stage: str, batch_size: int, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            self.dataset(stage),
+            batch_size=batch_size,
+            shuffle=shuffle,
+            drop_last=shuffle,
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", self.val_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", self.val_batch_size, shuffle=False)
