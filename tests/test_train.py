@@ -50,6 +50,7 @@ def test_stopped_by_max_steps_validates_final_weights(train_cfg):
     cfg = train_cfg("distillation=none", "trainer.max_steps=3", "trainer.val_check_interval=2")
     results = run(cfg)
     assert results["final_val_miou"] is not None and results["global_step"] == 3
+    assert results["final_val_step"] == 3  # validated again after the stop, not the step-2 numbers
 
 
 def test_kd_run_with_teacher_checkpoint_and_resume(train_cfg, tmp_path):
@@ -155,7 +156,9 @@ def test_rdd_run_end_to_end(train_cfg, distillation):
 
 
 def test_tfe_needs_a_teacher_aux_head(train_cfg):
-    ckpt = teacher_checkpoint(train_cfg)
+    cfg = train_cfg("distillation=none", "student=resnet18_scratch", "student.aux_head=false",
+                    "trainer.max_steps=1", "trainer.val_check_interval=1")  # fmt: skip
+    ckpt = run(cfg)["best_checkpoint"]
     cfg = train_cfg("distillation=rdd", *TEACHER_FAST, f"teacher.checkpoint={ckpt}", "teacher.aux_head=false")
-    with pytest.raises(ConfigError, match="aux"):
+    with pytest.raises(ConfigError, match="TFE-RDD, which needs a teacher with an auxiliary head"):
         run(cfg)

@@ -179,10 +179,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     best_score = getattr(ckpt_cb, "best_model_score", None)
     best_miou = float(best_score) if best_score is not None else final.get("miou")
     if final.get("miou") is not None and (best_miou is None or final["miou"] > best_miou):
-        best_miou = final["miou"]  # the final weights beat every saved validation
-        last = Path(ckpt_cb.dirpath) / "last.ckpt" if ckpt_cb is not None else None
-        trainer.save_checkpoint(last) if last is not None else None
-        best_path = str(last) if last is not None else best_path
+        best_miou = final["miou"]  # the final weights beat every saved validation: last.ckpt holds them
+        if ckpt_cb is not None:
+            last = Path(ckpt_cb.dirpath) / "last.ckpt"
+            trainer.save_checkpoint(last)
+            best_path = str(last)
     results = {
         "task_name": cfg.task_name,
         "tags": list(cfg.tags),
@@ -193,6 +194,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "distillation": objective.name,
         "best_val_miou": best_miou,
         "final_val_miou": final.get("miou"),
+        "final_val_step": final.get("global_step"),
         "final_pixel_acc": final.get("pixel_acc"),
         "per_class_iou": final.get("per_class_iou"),
         "global_step": int(trainer.global_step),

@@ -46,7 +46,9 @@ class SegmentationDataset(Dataset):
         self.split = split
         self.transform = transform
         if split not in self.SPLITS:
-            raise ConfigError(f"{type(self).__name__}: unknown split {split!r}; choose one of {list(self.SPLITS)}")
+            raise ConfigError(
+                f"{type(self).__name__}: unknown split {split!r}; choose one of {list(self.SPLITS)}"
+            )
         if not self.root.is_dir() or not any(self.root.iterdir()):
             raise ConfigError(
                 f"{type(self).__name__}: dataset.root={str(self.root)!r} is missing or empty. Expected layout: "
@@ -87,7 +89,9 @@ class SegmentationDataset(Dataset):
         except (OSError, ValueError) as err:
             raise ConfigError(f"cannot read label {str(path)!r}: {err}") from err
         if raw.ndim != 2:
-            raise ConfigError(f"label {str(path)!r} has shape {raw.shape}; expected a single-channel PNG of class ids")
+            raise ConfigError(
+                f"label {str(path)!r} has shape {raw.shape}; expected a single-channel PNG of class ids"
+            )
         label = self._lut[raw]
         if (label == _INVALID).any():
             bad = sorted(int(v) for v in np.unique(raw[label == _INVALID]))[:10]
@@ -101,19 +105,26 @@ class SegmentationDataset(Dataset):
         image_path, label_path = self.pairs[index]
         image, label = self.read_image(image_path), self.read_label(label_path)
         if image.shape[:2] != label.shape:
-            raise ConfigError(f"{str(image_path)!r} is {image.shape[:2]} but its label {str(label_path)!r} is {label.shape}")
+            raise ConfigError(
+                f"{str(image_path)!r} is {image.shape[:2]} but its label {str(label_path)!r} is {label.shape}"
+            )
         if self.transform is not None:
             out = self.transform(image=image, mask=label.astype(np.uint8))
             image, label = out["image"], torch.as_tensor(out["mask"]).long()
         return {"image": image, "mask": label, "name": image_path.stem}
 
 
-def pair_by_stem(images: Sequence[Path], labels: Sequence[Path], where: str, suffix: str = "") -> list[tuple[Path, Path]]:
+def pair_by_stem(
+    images: Sequence[Path], labels: Sequence[Path], where: str, suffix: str = ""
+) -> list[tuple[Path, Path]]:
     """Pair image and label files whose stems match (``suffix`` stripped from label stems).
 
     Raises a :class:`ConfigError` naming the first few unpaired files on either side.
     """
-    by_stem = {p.stem[: len(p.stem) - len(suffix)] if suffix and p.stem.endswith(suffix) else p.stem: p for p in labels}
+    by_stem = {
+        p.stem[: len(p.stem) - len(suffix)] if suffix and p.stem.endswith(suffix) else p.stem: p
+        for p in labels
+    }
     image_stems = {p.stem for p in images}
     missing_labels = [p.name for p in images if p.stem not in by_stem]
     missing_images = [p.name for s, p in by_stem.items() if s not in image_stems]

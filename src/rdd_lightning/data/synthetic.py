@@ -123,7 +123,9 @@ def generate_scene(seed: int, split: str, index: int, size: int = 96) -> tuple[n
     label = np.zeros((size, size), dtype=np.uint8)
 
     # Background: sky above a wavy horizon, ground below it, a few walls standing on the horizon.
-    horizon = size * rng.uniform(0.3, 0.6) + size * 0.06 * np.sin(xs / size * rng.uniform(2, 8) + rng.uniform(0, 6))
+    horizon = size * rng.uniform(0.3, 0.6) + size * 0.06 * np.sin(
+        xs / size * rng.uniform(2, 8) + rng.uniform(0, 6)
+    )
     sky = ys < horizon
     sky_top, sky_bottom = _colour_pair(rng, 0)
     t = (ys / size)[..., None]

@@ -27,10 +27,20 @@ def train_transform(
     lo, hi = float(scale_range[0]), float(scale_range[1])
     return A.Compose(
         [
-            A.RandomScale(scale_limit=(lo - 1.0, hi - 1.0), interpolation=cv2.INTER_LINEAR,
-                          mask_interpolation=cv2.INTER_NEAREST, p=1.0),  # fmt: skip
-            A.PadIfNeeded(min_height=h, min_width=w, position="top_left", border_mode=cv2.BORDER_CONSTANT,
-                          fill=0, fill_mask=IGNORE_INDEX),  # fmt: skip
+            A.RandomScale(
+                scale_limit=(lo - 1.0, hi - 1.0),
+                interpolation=cv2.INTER_LINEAR,
+                mask_interpolation=cv2.INTER_NEAREST,
+                p=1.0,
+            ),  # fmt: skip
+            A.PadIfNeeded(
+                min_height=h,
+                min_width=w,
+                position="top_left",
+                border_mode=cv2.BORDER_CONSTANT,
+                fill=0,
+                fill_mask=IGNORE_INDEX,
+            ),  # fmt: skip
             A.RandomCrop(height=h, width=w),
             A.HorizontalFlip(p=hflip),
             A.Normalize(mean=tuple(mean), std=tuple(std)),
