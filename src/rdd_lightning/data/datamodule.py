@@ -6,8 +6,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
-from hydra.utils import get_class
 import torch
+from hydra.utils import get_class
 from torch.utils.data import DataLoader
 
 from rdd_lightning.data.base import SegmentationDataset
