@@ -92,10 +92,8 @@ _HUE = {0: 0.60, 1: 0.08, 2: 0.98, **{c: (c - 3) / 8.0 + 0.03 for c in range(3, 
 _HUE_JITTER = 0.07  # about half the spacing of the object hues: neighbours overlap
 
 
-def _colour(rng: np.random.Generator, cls: int | None = None) -> np.ndarray:
-    """An RGB colour in [0, 1]: any colour, or one near the typical hue of class ``cls``."""
-    if cls is None:
-        return rng.uniform(0.0, 1.0, size=3).astype(np.float32)
+def _colour(rng: np.random.Generator, cls: int) -> np.ndarray:
+    """An RGB colour in [0, 1] near the typical hue of class ``cls``."""
     hue = (_HUE[cls] + rng.normal(0.0, _HUE_JITTER)) % 1.0
     sat, val = rng.uniform(0.35, 1.0), rng.uniform(0.45, 1.0)
     return np.array(colorsys.hsv_to_rgb(hue, sat, val), dtype=np.float32)
