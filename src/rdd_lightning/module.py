@@ -122,19 +122,15 @@ class DistillationModule(L.LightningModule):
         miou = torch.nanmean(iou) * 100
         self.log("val/mIoU", miou.float(), prog_bar=True, sync_dist=False)
         self.log("val/aAcc", (acc * 100).float())
-        self.log_dict(
-            {
-                f"val/IoU/{name}": (v * 100).float()
-                for name, v in zip(self.class_names, iou, strict=True)
-                if not v.isnan()
-            }
-        )
+        per_class = {
+            name: (None if v.isnan() else float(v * 100))
+            for name, v in zip(self.class_names, iou, strict=True)
+        }
+        self.log_dict({f"val/IoU/{name}": v for name, v in per_class.items() if v is not None})
         self.last_val = {
             "miou": float(miou),
             "pixel_acc": float(acc * 100),
-            "per_class_iou": {
-                n: (None if v.isnan() else float(v * 100)) for n, v in zip(self.class_names, iou, strict=True)
-            },
+            "per_class_iou": per_class,
             "global_step": int(self.global_step),
             "sanity": bool(self.trainer.sanity_checking),
         }
