@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint format bench clean
+.PHONY: install demo test test-fast lint format bench bench-data clean
 
 install: $(STAMP)  ## .venv with the package (editable) and its test extras; a no-op when nothing changed
 
@@ -34,6 +34,9 @@ format: install
 
 bench: install  ## RDD loss cost at Cityscapes per-GPU scale
 	$(PY) benchmarks/rdd_losses.py
+
+bench-data: install  ## training-loader throughput per dataset at its crop size
+	$(PY) benchmarks/data_loading.py
 
 clean:  ## remove caches and build files (keeps logs/ and .cache/: runs and cached teachers are yours)
 	rm -rf build dist src/*.egg-info .pytest_cache .ruff_cache .hypothesis

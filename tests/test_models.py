@@ -112,3 +112,43 @@ def test_reachability_probe_answers_for_a_closed_port():
 def test_unknown_weight_name(tmp_path):
     with pytest.raises(ConfigError, match="known names"):
         build_model("DeepLabV3", "resnet18", num_classes=3, encoder_weights="instagram-of-cats")
+
+
+@pytest.mark.parametrize("encoder", ["resnet18", "resnet50", "mobilenet_v2"])
+def test_zero_init_residual_makes_every_residual_block_the_identity(encoder):
+    from torchvision.models.mobilenetv2 import InvertedResidual
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+
+    torch.manual_seed(0)
+    plain = build_model("DeepLabV3", encoder, 3, aux_head=False)
+    torch.manual_seed(0)
+    zeroed = build_model("DeepLabV3", encoder, 3, aux_head=False, zero_init_residual=True)
+    blocks = [
+        m for m in zeroed.net.encoder.modules() if isinstance(m, (BasicBlock, Bottleneck, InvertedResidual))
+    ]
+    identity_blocks = [
+        m for m in blocks
+        if (getattr(m, "downsample", None) is None and not isinstance(m, InvertedResidual))
+        or (isinstance(m, InvertedResidual) and m.use_res_connect)
+    ]  # fmt: skip
+    assert identity_blocks
+    zeroed.eval()
+    for block in identity_blocks:
+        channels = next(p for p in block.parameters()).shape[1]
+        x = torch.rand(1, channels, 4, 4)  # non-negative: what a ResNet block receives after a ReLU
+        assert torch.equal(block(x), x)
+    # only those BatchNorm weights differ from the default initialisation
+    changed = [k for k, v in zeroed.state_dict().items() if not torch.equal(v, plain.state_dict()[k])]
+    assert changed and all(k.endswith(".weight") and ("bn" in k or ".conv." in k) for k in changed)
+
+
+def test_zero_init_residual_on_an_encoder_without_residual_blocks_names_the_option():
+    with pytest.raises(ConfigError, match="zero_init_residual"):
+        build_model("Unet", "vgg11", 3, aux_head=False, zero_init_residual=True)
+
+
+def test_zero_init_residual_follows_the_dataset_recipe(tmp_path):
+    synthetic = compose_train_cfg(tmp_path, [])
+    camvid = compose_train_cfg(tmp_path, ["dataset=camvid"])
+    assert synthetic.student.zero_init_residual and synthetic.teacher.zero_init_residual
+    assert not camvid.student.zero_init_residual and not camvid.teacher.zero_init_residual

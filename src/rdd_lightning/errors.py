@@ -1,5 +1,37 @@
 """Errors raised for bad user input; entry points print them as one line and exit non-zero."""
 
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
 
 class ConfigError(ValueError):
     """A config value, file or dataset that cannot be used. The message names the key, the value and the fix."""
+
+
+def find_config_error(err: BaseException | None) -> ConfigError | None:
+    """The :class:`ConfigError` behind ``err`` (Hydra wraps errors raised while instantiating), if any."""
+    while err is not None:
+        if isinstance(err, ConfigError):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def exit_on_config_error(fn: Callable[[], T], log: logging.Logger) -> T:
+    """``fn()``; a :class:`ConfigError` behind any exception it raises is logged, printed to stderr as one
+    ``error: ...`` line (no traceback) and ends the process with exit status 2. Other errors propagate."""
+    try:
+        return fn()
+    except Exception as err:
+        config_error = find_config_error(err)
+        if config_error is None:
+            raise
+        log.error("%s", config_error)
+        print(f"error: {config_error}", file=sys.stderr)
+        sys.exit(2)

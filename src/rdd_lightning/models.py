@@ -62,6 +62,9 @@ class SegmentationNet(nn.Module):
             Hugging Face cache when offline) or a path to a local encoder state-dict file (``.pth``/``.pt``/
             ``.safetensors``; torchvision ImageNet checkpoints load as they are).
         aux_head: add the FCN auxiliary head on the encoder's second-to-last stage.
+        zero_init_residual: start every residual block of the encoder as the identity (the last BatchNorm
+            of each block gets weight 0), which makes deep encoders trained from scratch learn much faster
+            early on. Pretrained or checkpoint weights, loaded afterwards, replace it.
         **arch_kwargs: passed to the smp architecture (``encoder_output_stride``, ``decoder_channels``,
             ``upsampling``, ``encoder_depth``, ...).
     """
@@ -74,6 +77,7 @@ class SegmentationNet(nn.Module):
         encoder_weights: str | None = None,
         aux_head: bool = True,
         in_channels: int = 3,
+        zero_init_residual: bool = False,
         **arch_kwargs: Any,
     ):
         super().__init__()
@@ -93,6 +97,8 @@ class SegmentationNet(nn.Module):
             raise ConfigError(
                 f"cannot build smp model arch={arch!r} encoder_name={encoder_name!r} with {arch_kwargs}: {err}"
             ) from err
+        if zero_init_residual:
+            zero_init_residual_blocks(self.net.encoder, encoder_name)
         if encoder_weights is not None:
             load_encoder_weights(self.net.encoder, encoder_name, encoder_weights)
         self.aux_head = FCNHead(self.net.encoder.out_channels[-2], num_classes) if aux_head else None
@@ -126,10 +132,45 @@ def build_model(
     num_classes: int,
     encoder_weights: str | None = None,
     aux_head: bool = True,
+    zero_init_residual: bool = False,
     **arch_kwargs: Any,
 ) -> SegmentationNet:
     """Factory used by the ``student``/``teacher`` configs (``_target_: rdd_lightning.models.build_model``)."""
-    return SegmentationNet(arch, encoder_name, num_classes, encoder_weights, aux_head, **arch_kwargs)
+    return SegmentationNet(
+        arch, encoder_name, num_classes, encoder_weights, aux_head, zero_init_residual=zero_init_residual,
+        **arch_kwargs,
+    )  # fmt: skip
+
+
+def zero_init_residual_blocks(encoder: nn.Module, encoder_name: str) -> int:
+    """Zero the weight of the last BatchNorm of every residual block, so each block starts as the identity.
+
+    Covers torchvision-style ResNet/ResNeXt blocks (``BasicBlock.bn2``, ``Bottleneck.bn3``) and MobileNetV2
+    inverted residuals with a skip connection, the encoders smp builds from torchvision. Returns the number
+    of blocks changed; an encoder without such blocks raises a :class:`ConfigError`.
+    """
+    from torchvision.models.mobilenetv2 import InvertedResidual
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+
+    changed = 0
+    for module in encoder.modules():
+        if isinstance(module, BasicBlock):
+            bn = module.bn2
+        elif isinstance(module, Bottleneck):
+            bn = module.bn3
+        elif isinstance(module, InvertedResidual) and module.use_res_connect:
+            bn = module.conv[-1]
+        else:
+            continue
+        if isinstance(bn, nn.BatchNorm2d):
+            nn.init.zeros_(bn.weight)
+            changed += 1
+    if not changed:
+        raise ConfigError(
+            f"zero_init_residual=true: encoder {encoder_name!r} has no ResNet/ResNeXt or MobileNetV2 residual "
+            f"blocks to initialise; set zero_init_residual=false for it."
+        )
+    return changed
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassConfusionMatrix
 
+from rdd_lightning import inference as infer
 from rdd_lightning.distillation import DistillationObjective
 from rdd_lightning.models import SegmentationNet
 
@@ -29,34 +29,41 @@ def iou_from_confusion(confmat: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class DistillationModule(L.LightningModule):
-    """Trains ``student`` (optionally distilled from a frozen ``teacher``) with ``objective``.
+    """Trains ``student`` (optionally distilled from a frozen ``teacher``) with ``objective``; validates
+    (and tests) it with ``inference``.
 
     Args:
         student: the trainable network.
         teacher: a frozen network or ``None`` (plain supervised training). It is put in eval mode with
             ``requires_grad=False``, forwarded under ``no_grad``, left out of the optimizer, and left out of
             checkpoints (it is rebuilt from ``teacher.checkpoint`` when a run resumes).
-        objective: the loss of a step (built from the ``distillation`` config).
-        optimizer: ``params -> Optimizer`` (a Hydra ``_partial_``).
+        objective: the loss of a step (built from the ``distillation`` config); ``None`` for a module that
+            only evaluates (``rdd_lightning.evaluate``).
+        optimizer: ``params -> Optimizer`` (a Hydra ``_partial_``); ``None`` when only evaluating.
         scheduler: ``(optimizer, total_iters) -> LRScheduler``, stepped every iteration, or ``None``.
         num_classes, class_names, ignore_index: label space of the dataset.
         metadata: stored under ``checkpoint["rdd_lightning"]`` (architecture, dataset) so a checkpoint can be
             checked when it is loaded as a teacher.
+        inference: how validation/test images are predicted (the ``inference`` config key, see
+            :class:`rdd_lightning.inference.InferenceConfig`); ``None`` = whole image, one scale, no flip.
     """
 
     def __init__(
         self,
         student: SegmentationNet,
         teacher: SegmentationNet | None,
-        objective: DistillationObjective,
-        optimizer: Callable[..., torch.optim.Optimizer],
+        objective: DistillationObjective | None,
+        optimizer: Callable[..., torch.optim.Optimizer] | None,
         scheduler: Callable[..., Any] | None,
         num_classes: int,
         class_names: Sequence[str],
         ignore_index: int = 255,
         metadata: dict[str, Any] | None = None,
+        inference: infer.InferenceConfig | Mapping[str, Any] | None = None,
     ):
         super().__init__()
+        self.inference = infer.InferenceConfig.from_any(inference)
+        inference = self.inference.to_dict()  # what save_hyperparameters records
         # Plain values only, so checkpoints load with torch.load(weights_only=True).
         self.save_hyperparameters(
             ignore=["student", "teacher", "objective", "optimizer", "scheduler"], logger=False
@@ -71,7 +78,8 @@ class DistillationModule(L.LightningModule):
         self.ignore_index = ignore_index
         self.metadata = dict(metadata or {})
         self.val_confmat = MulticlassConfusionMatrix(num_classes, ignore_index=ignore_index)
-        self.last_val: dict[str, Any] = {}
+        self.last_val: dict[str, Any] = {}  # metrics of the last validation (train.py's results)
+        self.last_test: dict[str, Any] = {}  # metrics of the last test
 
     # ---------------------------------------------------------------------------------------- teacher
     def train(self, mode: bool = True) -> DistillationModule:
@@ -96,38 +104,43 @@ class DistillationModule(L.LightningModule):
         self.log_dict({f"train/{k}": v for k, v in losses.items() if k != "loss"}, batch_size=images.shape[0])
         return losses["loss"]
 
-    @torch.no_grad()
     def predict_logits(self, images: Tensor, net: nn.Module | None = None) -> Tensor:
-        """Whole-image logits ``[B, C, H, W]`` at the input size.
+        """Logits ``[B, C, H, W]`` of ``images [B, 3, H, W]`` by ``net`` (default: the student), at the input
+        size, as :attr:`inference` says (see :func:`rdd_lightning.inference.predict_logits`)."""
+        return infer.predict_logits(net or self.student, images, self.inference)
 
-        Inputs whose size is not a multiple of the network's stride are zero-padded at the bottom/right and
-        the upsampled logits are cropped back.
-        """
-        net = net or self.student
-        h, w = images.shape[-2:]
-        stride = getattr(net, "output_stride", 1)
-        ph, pw = (-h) % stride, (-w) % stride
-        padded = F.pad(images, (0, pw, 0, ph)) if (ph or pw) else images
-        logits = net(padded).logits.float()
-        logits = F.interpolate(logits, size=padded.shape[-2:], mode="bilinear", align_corners=True)
-        return logits[..., :h, :w]
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def evaluation_step(self, batch: dict[str, Any]) -> Tensor:
+        """Predicted classes ``int64 [B, H, W]`` of a batch, counted into the confusion matrix."""
         preds = self.predict_logits(batch["image"]).argmax(1)
         self.val_confmat.update(preds, batch["mask"])
+        return preds
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        return self.evaluation_step(batch)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        return self.evaluation_step(batch)
 
     def on_validation_epoch_end(self) -> None:
+        self.last_val = self.log_evaluation("val")
+
+    def on_test_epoch_end(self) -> None:
+        self.last_test = self.log_evaluation("test")
+
+    def log_evaluation(self, prefix: str) -> dict[str, Any]:
+        """Log ``<prefix>/mIoU``, ``/aAcc`` and ``/IoU/<class>`` (percent) of the pixels counted since the last
+        call, reset the count, and return the numbers."""
         iou, acc = iou_from_confusion(self.val_confmat.compute())
         self.val_confmat.reset()
         miou = torch.nanmean(iou) * 100
-        self.log("val/mIoU", miou.float(), prog_bar=True, sync_dist=False)
-        self.log("val/aAcc", (acc * 100).float())
+        self.log(f"{prefix}/mIoU", miou.float(), prog_bar=True, sync_dist=False)
+        self.log(f"{prefix}/aAcc", (acc * 100).float())
         per_class = {
             name: (None if v.isnan() else float(v * 100))
             for name, v in zip(self.class_names, iou, strict=True)
         }
-        self.log_dict({f"val/IoU/{name}": v for name, v in per_class.items() if v is not None})
-        self.last_val = {
+        self.log_dict({f"{prefix}/IoU/{name}": v for name, v in per_class.items() if v is not None})
+        return {
             "miou": float(miou),
             "pixel_acc": float(acc * 100),
             "per_class_iou": per_class,

@@ -47,13 +47,19 @@ def network_state_dict(checkpoint: dict[str, Any], prefix: str = "student.") -> 
 
 
 def load_teacher(
-    net: SegmentationNet, checkpoint_path: str | os.PathLike, *, config_hint: str = "teacher"
+    net: SegmentationNet,
+    checkpoint_path: str | os.PathLike,
+    *,
+    config_hint: str = "teacher",
+    checkpoint_key: str | None = None,
 ) -> SegmentationNet:
     """Load ``checkpoint_path`` into ``net`` after checking architecture and class count; return it frozen.
 
     A checkpoint written by this package records the trained network's description; a mismatch with the
-    teacher config raises a :class:`ConfigError` naming both. Bare state dicts are loaded strictly.
+    ``config_hint`` config raises a :class:`ConfigError` naming both (and the key ``checkpoint_key``, default
+    ``<config_hint>.checkpoint``, that gave the file). Bare state dicts are loaded strictly.
     """
+    key = checkpoint_key or f"{config_hint}.checkpoint"
     checkpoint = read_checkpoint(checkpoint_path)
     recorded = (checkpoint.get("rdd_lightning") or {}).get("student")
     expected = net.describe()
@@ -62,7 +68,7 @@ def load_teacher(
         if diffs:
             detail = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diffs.items())
             raise ConfigError(
-                f"{config_hint}.checkpoint={str(checkpoint_path)!r} holds a different network than the "
+                f"{key}={str(checkpoint_path)!r} holds a different network than the "
                 f"{config_hint} config ({detail}). Choose the {config_hint} config that matches the checkpoint, "
                 f"or a checkpoint of this architecture."
             )
@@ -70,7 +76,7 @@ def load_teacher(
         net.load_state_dict(network_state_dict(checkpoint))
     except RuntimeError as err:
         raise ConfigError(
-            f"{config_hint}.checkpoint={str(checkpoint_path)!r} does not fit the {config_hint} config "
+            f"{key}={str(checkpoint_path)!r} does not fit the {config_hint} config "
             f"{expected}: {str(err)[:500]}"
         ) from err
     return net.eval().requires_grad_(False)
@@ -87,7 +93,8 @@ def auto_teacher_checkpoint(
 ) -> Path:
     """Train (once) and cache a teacher on the synthetic dataset with the package's teacher recipe.
 
-    The cache key covers the teacher architecture, the dataset generator parameters, the dataset overrides
+    The cache key covers the teacher architecture, the dataset generator parameters and root
+    (whose name carries the generator version), the dataset overrides
     and the seed, so a change of any of them trains a new teacher instead of reusing a wrong one. A file
     lock makes concurrent runs (DDP ranks, sweep jobs) wait for one training instead of racing.
     """

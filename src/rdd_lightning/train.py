@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -24,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from rdd_lightning.data import SegmentationDataModule
 from rdd_lightning.distillation import DistillationObjective
-from rdd_lightning.errors import ConfigError
+from rdd_lightning.errors import ConfigError, exit_on_config_error
 from rdd_lightning.models import SegmentationNet
 from rdd_lightning.module import DistillationModule
 from rdd_lightning.teacher import auto_teacher_checkpoint, load_teacher, train_teacher_command
@@ -59,6 +58,16 @@ def build_student(cfg: DictConfig, num_classes: int) -> SegmentationNet:
     return instantiate(cfg.student, num_classes=num_classes)
 
 
+def network_spec(student_cfg: DictConfig) -> dict[str, Any] | None:
+    """Keyword arguments of ``build_model`` for the student (weights and class count left out), recorded in
+    checkpoints so that ``rdd_lightning.evaluate`` rebuilds the network from the checkpoint alone."""
+    spec = OmegaConf.to_container(student_cfg, resolve=True)
+    if spec.pop("_target_", None) != "rdd_lightning.models.build_model":
+        return None  # a custom network factory: evaluation needs student=<its config>
+    spec.pop("num_classes", None)
+    return {**spec, "encoder_weights": None}
+
+
 def build_teacher(
     cfg: DictConfig, datamodule: SegmentationDataModule, objective: DistillationObjective
 ) -> SegmentationNet:
@@ -90,7 +99,7 @@ def build_teacher(
             teacher_choice=teacher_choice,
             teacher_cfg=teacher_cfg,
             dataset_overrides=overrides,
-            dataset_prepare=dict(datamodule.prepare_kwargs),
+            dataset_prepare={**datamodule.prepare_kwargs, "root": datamodule.root},
             seed=int(cfg.seed),
         )
     teacher_cfg["encoder_weights"] = None  # all weights come from the checkpoint
@@ -163,7 +172,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "dataset": datamodule.name,
             "student_config": choices.get("student"),
             "class_names": datamodule.class_names,
+            "network": network_spec(cfg.student),
         },  # fmt: skip
+        inference=OmegaConf.to_container(cfg.inference, resolve=True) if cfg.get("inference") else None,
     )
     callbacks = instantiate_list(cfg.get("callbacks")) + stage_switch_callback(objective)
     loggers = instantiate_list(cfg.get("logger"))
@@ -178,7 +189,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     best_path = getattr(ckpt_cb, "best_model_path", "") or None
     best_score = getattr(ckpt_cb, "best_model_score", None)
     best_miou = float(best_score) if best_score is not None else final.get("miou")
-    if final.get("miou") is not None and (best_miou is None or final["miou"] > best_miou):
+    # best_model_score is the float32 value Lightning logged: compare with a tolerance above its rounding
+    if final.get("miou") is not None and (best_miou is None or final["miou"] > best_miou + 1e-4):
         best_miou = final["miou"]  # the final weights beat every saved validation: last.ckpt holds them
         if ckpt_cb is not None:
             last = Path(ckpt_cb.dirpath) / "last.ckpt"
@@ -211,29 +223,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return results
 
 
-def find_config_error(err: BaseException | None) -> ConfigError | None:
-    """The :class:`ConfigError` behind ``err`` (Hydra wraps errors raised while instantiating), if any."""
-    while err is not None:
-        if isinstance(err, ConfigError):
-            return err
-        err = err.__cause__ or err.__context__
-    return None
-
-
 @hydra.main(version_base="1.3", config_path="pkg://rdd_lightning.conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     torch.set_float32_matmul_precision("high")
     # the frozen teacher is in eval mode on purpose
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-    try:
-        results = run(cfg)
-    except Exception as err:
-        config_error = find_config_error(err)
-        if config_error is None:
-            raise
-        log.error("%s", config_error)
-        print(f"error: {config_error}", file=sys.stderr)
-        sys.exit(2)
+    results = exit_on_config_error(lambda: run(cfg), log)
     return results.get("best_val_miou")  # the value Hydra sweepers optimise
 
 

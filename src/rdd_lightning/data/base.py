@@ -8,7 +8,7 @@ Labels come out as ``int64 [H, W]`` with void = 255 whatever the dataset's own e
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -21,14 +21,16 @@ from rdd_lightning.errors import ConfigError
 
 IGNORE_INDEX = 255
 _INVALID = -1  # LUT entry of a raw label value that is neither a class nor void
+# what PIL raises for a missing, truncated or corrupt file
+_READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 class SegmentationDataset(Dataset):
-    """Image/label file pairs of one split, decoded to ``(image uint8 [H,W,3], label int64 [H,W])``.
+    """Image/label file pairs of one split, decoded to ``(image uint8 [H,W,3] RGB, label int64 [H,W])``.
 
     Args:
         root: dataset folder (layout in the subclass's ``LAYOUT``).
-        split: ``train``, ``val``, ``test`` (what the subclass offers).
+        split: one of the subclass's ``SPLITS`` (or a name in its ``SPLIT_ALIASES``).
         transform: an albumentations ``Compose`` called as ``transform(image=..., mask=...)`` that returns a
             float image tensor ``[3,H,W]`` and a mask; ``None`` returns numpy arrays.
 
@@ -37,15 +39,18 @@ class SegmentationDataset(Dataset):
 
     NUM_CLASSES: ClassVar[int]
     CLASS_NAMES: ClassVar[Sequence[str]]
+    PALETTE: ClassVar[Sequence[Sequence[int]] | None] = None  # [r, g, b] per class, the dataset's own
     LAYOUT: ClassVar[str]  # the expected folder layout, shown when files are missing
     SOURCE: ClassVar[str]  # where the data is obtained
     SPLITS: ClassVar[Sequence[str]] = ("train", "val", "test")
+    SPLIT_ALIASES: ClassVar[Mapping[str, str]] = {}  # other accepted split names -> a name in SPLITS
+    SPLIT_SIZES: ClassVar[Mapping[str, int]] = {}  # images per split of the published dataset
 
     def __init__(self, root: str | os.PathLike, split: str, transform: Callable[..., dict] | None = None):
         self.root = Path(root)
-        self.split = split
+        self.split = self.SPLIT_ALIASES.get(split, split)
         self.transform = transform
-        if split not in self.SPLITS:
+        if self.split not in self.SPLITS:
             raise ConfigError(
                 f"{type(self).__name__}: unknown split {split!r}; choose one of {list(self.SPLITS)}"
             )
@@ -55,15 +60,17 @@ class SegmentationDataset(Dataset):
                 f"{self.LAYOUT}. Get the data from {self.SOURCE} and pass dataset.root=/path/to/it "
                 f"(or set RDD_DATA_DIR)."
             )
-        self.pairs = self.find_pairs(self.root, split)
+        self.pairs = self.find_pairs(self.root, self.split)
         if not self.pairs:
             raise ConfigError(
-                f"{type(self).__name__}: no {split!r} images under {str(self.root)!r}. Expected layout: {self.LAYOUT}."
+                f"{type(self).__name__}: no {self.split!r} images under {str(self.root)!r}. "
+                f"Expected layout: {self.LAYOUT}."
             )
         self._lut = self.label_lut()
 
     # -- to be provided by each dataset -------------------------------------------------------------------
     def find_pairs(self, root: Path, split: str) -> list[tuple[Path, Path]]:
+        """``(image, label)`` paths of ``split``, sorted; missing or unpaired files raise a ConfigError."""
         raise NotImplementedError
 
     def label_lut(self) -> np.ndarray:
@@ -75,31 +82,45 @@ class SegmentationDataset(Dataset):
         return len(self.pairs)
 
     def read_image(self, path: Path) -> np.ndarray:
+        """RGB image ``uint8 [H, W, 3]`` (grayscale, palette and CMYK files are converted)."""
         try:
             with Image.open(path) as img:
                 return np.asarray(img.convert("RGB"))
-        except (OSError, ValueError) as err:
+        except _READ_ERRORS as err:
             raise ConfigError(f"cannot read image {str(path)!r}: {err}") from err
 
     def read_label(self, path: Path) -> np.ndarray:
-        """Train-id label ``int64 [H, W]`` (void 255) of one file; bad values raise naming file and value."""
+        """Train-id label ``int64 [H, W]`` (void 255) of one file; bad values raise naming file and value.
+
+        Palette PNGs (VOC's ``SegmentationClass``) give their palette indices, grayscale PNGs their values;
+        16-bit PNGs are accepted as long as every value is a known raw label value.
+        """
         try:
             with Image.open(path) as img:
                 raw = np.asarray(img)  # palette PNGs give their indices, as VOC needs
-        except (OSError, ValueError) as err:
+        except _READ_ERRORS as err:
             raise ConfigError(f"cannot read label {str(path)!r}: {err}") from err
         if raw.ndim != 2:
             raise ConfigError(
-                f"label {str(path)!r} has shape {raw.shape}; expected a single-channel PNG of class ids"
+                f"label {str(path)!r} has shape {raw.shape}; expected a single-channel PNG of class ids "
+                f"(a colour-coded label must be converted to ids first)"
             )
+        if raw.dtype != np.uint8:  # 16/32-bit or 1-bit files: values outside the LUT are bad values too
+            outside = (raw < 0) | (raw >= len(self._lut))
+            if outside.any():
+                self._raise_bad_values(path, raw[outside])
+            raw = raw.astype(np.int64)
         label = self._lut[raw]
         if (label == _INVALID).any():
-            bad = sorted(int(v) for v in np.unique(raw[label == _INVALID]))[:10]
-            raise ConfigError(
-                f"label {str(path)!r} holds value(s) {bad} that are neither a class of "
-                f"{type(self).__name__} (0..{self.NUM_CLASSES - 1} after mapping) nor void"
-            )
+            self._raise_bad_values(path, raw[label == _INVALID])
         return label
+
+    def _raise_bad_values(self, path: Path, values: np.ndarray) -> None:
+        bad = [int(v) for v in np.unique(values)[:10]]
+        raise ConfigError(
+            f"label {str(path)!r} holds value(s) {bad} that are neither a class of "
+            f"{type(self).__name__} (0..{self.NUM_CLASSES - 1} after mapping) nor void"
+        )
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         image_path, label_path = self.pairs[index]
@@ -114,20 +135,23 @@ class SegmentationDataset(Dataset):
         return {"image": image, "mask": label, "name": image_path.stem}
 
 
-def pair_by_stem(
-    images: Sequence[Path], labels: Sequence[Path], where: str, suffix: str = ""
-) -> list[tuple[Path, Path]]:
-    """Pair image and label files whose stems match (``suffix`` stripped from label stems).
+def _strip(stem: str, suffix: str) -> str:
+    return stem[: len(stem) - len(suffix)] if suffix and stem.endswith(suffix) else stem
 
-    Raises a :class:`ConfigError` naming the first few unpaired files on either side.
+
+def pair_by_stem(
+    images: Sequence[Path], labels: Sequence[Path], where: str, suffix: str = "", image_suffix: str = ""
+) -> list[tuple[Path, Path]]:
+    """Pair image and label files whose stems match once ``suffix`` is stripped from label stems and
+    ``image_suffix`` from image stems (Cityscapes: ``_gtFine_labelIds`` and ``_leftImg8bit``).
+
+    Returns the pairs sorted by image path. Raises a :class:`ConfigError` naming the first few unpaired
+    files on either side.
     """
-    by_stem = {
-        p.stem[: len(p.stem) - len(suffix)] if suffix and p.stem.endswith(suffix) else p.stem: p
-        for p in labels
-    }
-    image_stems = {p.stem for p in images}
-    missing_labels = [p.name for p in images if p.stem not in by_stem]
-    missing_images = [p.name for s, p in by_stem.items() if s not in image_stems]
+    by_stem = {_strip(p.stem, suffix): p for p in labels}
+    image_by_stem = {_strip(p.stem, image_suffix): p for p in images}
+    missing_labels = [p.name for s, p in sorted(image_by_stem.items()) if s not in by_stem]
+    missing_images = [p.name for s, p in sorted(by_stem.items()) if s not in image_by_stem]
     if missing_labels or missing_images:
         parts = []
         if missing_labels:
@@ -135,4 +159,21 @@ def pair_by_stem(
         if missing_images:
             parts.append(f"{len(missing_images)} label(s) without an image, e.g. {missing_images[:3]}")
         raise ConfigError(f"{where}: " + "; ".join(parts))
-    return [(p, by_stem[p.stem]) for p in sorted(images)]
+    return sorted((p, by_stem[s]) for s, p in image_by_stem.items())
+
+
+def first_existing(root: Path, candidates: Iterable[str], marker: str) -> Path | None:
+    """The first ``root / c`` (``c`` in ``candidates``, ``""`` = root itself) that holds ``marker``
+    (``marker=""``: that exists itself); ``None`` when none does."""
+    for sub in candidates:
+        base = root / sub if sub else root
+        if (base / marker).exists():
+            return base
+    return None
+
+
+def missing_files_error(where: str, kind: str, missing: Sequence[Path]) -> ConfigError:
+    """A ConfigError naming how many ``kind`` files ``where`` refers to that do not exist, and a few."""
+    return ConfigError(
+        f"{where} names {len(missing)} {kind} file(s) that do not exist, e.g. {[str(p) for p in missing[:3]]}"
+    )

