@@ -45,6 +45,17 @@ def test_plain_run_writes_results(train_cfg, tmp_path):
     assert "dataset.batch_size=2" in on_disk["overrides"]
 
 
+@pytest.mark.slow
+def test_wandb_logger_runs_offline(train_cfg):
+    """logger=wandb (W&B offline, as conftest sets WANDB_MODE) logs metrics and the config beside the CSV."""
+    cfg = train_cfg("distillation=none", "logger=wandb", "trainer.max_steps=2", "trainer.val_check_interval=2")
+    results = run(cfg)
+    out = Path(cfg.paths.output_dir)
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+    assert (out / "csv" / "metrics.csv").is_file() and results["global_step"] == 2
+
+
 def test_stopped_by_max_steps_validates_final_weights(train_cfg):
     # validation every 2 steps, stop at 3: the final weights were never validated during fit
     cfg = train_cfg("distillation=none", "trainer.max_steps=3", "trainer.val_check_interval=2")
