@@ -48,7 +48,9 @@ def test_plain_run_writes_results(train_cfg, tmp_path):
 @pytest.mark.slow
 def test_wandb_logger_runs_offline(train_cfg):
     """logger=wandb (W&B offline, as conftest sets WANDB_MODE) logs metrics and the config beside the CSV."""
-    cfg = train_cfg("distillation=none", "logger=wandb", "trainer.max_steps=2", "trainer.val_check_interval=2")
+    cfg = train_cfg(
+        "distillation=none", "logger=wandb", "trainer.max_steps=2", "trainer.val_check_interval=2"
+    )
     results = run(cfg)
     out = Path(cfg.paths.output_dir)
     runs = list((out / "wandb").glob("offline-run-*"))
