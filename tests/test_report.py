@@ -30,3 +30,11 @@ def test_report_shows_teacher_and_student(tmp_path, capsys):
 def test_report_without_runs(tmp_path, capsys):
     assert main(["--latest", str(tmp_path)]) == 2
     assert "no finished run" in capsys.readouterr().err
+
+
+def test_report_shows_an_evaluate_run(tmp_path, capsys):
+    run = tmp_path / "evaluate" / "runs" / "e1"
+    write_run(run, network={"encoder_name": "resnet18"}, dataset="camvid", split="test",
+              checkpoint_global_step=40000, mIoU=68.5, aAcc=92.0, wall_time_s=60)  # fmt: skip
+    assert main([str(run)]) == 0
+    assert "| eval camvid/test | resnet18 | - | 40000 | 68.50 | 68.50 | 60 |" in capsys.readouterr().out

@@ -1,7 +1,8 @@
 """Tables from ``results.json`` files: ``python -m rdd_lightning.report [RUN_DIR ...] [--latest DIR]``.
 
 Each distillation run is shown with its teacher (found through the run's ``teacher_checkpoint``: the
-teacher's own run directory holds its ``results.json``). Nothing here parses logs.
+teacher's own run directory holds its ``results.json``). A run of ``rdd_lightning.evaluate`` is shown as one
+``eval <dataset>/<split>`` row (its mIoU in both mIoU columns). Nothing here parses logs.
 """
 
 from __future__ import annotations
@@ -36,6 +37,17 @@ def row(role: str, results: dict[str, Any]) -> list[str]:
     def pct(value: float | None) -> str:
         return "-" if value is None else f"{value:.2f}"
 
+    if "mIoU" in results:  # an evaluate run: one measurement of one checkpoint
+        network = results.get("network") or {}
+        return [
+            f"eval {results.get('dataset', '?')}/{results.get('split', '?')}",
+            str(network.get("encoder_name", "?")),
+            "-",
+            str(results.get("checkpoint_global_step", "?")),
+            pct(results["mIoU"]),
+            pct(results["mIoU"]),
+            f"{results.get('wall_time_s', 0):.0f}",
+        ]
     choices = results.get("choices", {})
     return [
         role,
@@ -79,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
             teacher = teacher_results(results)
             if teacher is not None:
                 rows.append(row("teacher", teacher))
-            rows.append(row("student" if results.get("teacher_checkpoint") else "network", results))
+            role = "student" if results.get("teacher_checkpoint") else "network"
+            rows.append(row(role, results))
     except FileNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
