@@ -102,10 +102,11 @@ class FileScan(Dataset):
             num_classes = self.dataset.NUM_CLASSES
             ids = np.where(label == IGNORE_INDEX, num_classes, label).ravel()
             pixels = np.bincount(ids, minlength=num_classes + 1)
-        if image is not None and label is not None and image.shape[:2] != label.shape:
-            problems.append(
-                f"{str(image_path)!r} is {image.shape[:2]} but its label {str(label_path)!r} is {label.shape}"
-            )
+        if image is not None and label is not None:
+            try:
+                self.dataset.check_same_size(image_path, image, label_path, label)
+            except ConfigError as err:
+                problems.append(str(err))
         size = tuple(image.shape[:2]) if image is not None else None
         return {"problems": problems, "size": size, "pixels": pixels}
 

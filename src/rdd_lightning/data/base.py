@@ -122,13 +122,18 @@ class SegmentationDataset(Dataset):
             f"{type(self).__name__} (0..{self.NUM_CLASSES - 1} after mapping) nor void"
         )
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        image_path, label_path = self.pairs[index]
-        image, label = self.read_image(image_path), self.read_label(label_path)
+    @staticmethod
+    def check_same_size(image_path: Path, image: np.ndarray, label_path: Path, label: np.ndarray) -> None:
+        """Raise a :class:`ConfigError` naming both files when ``image [H, W, 3]`` and ``label [h, w]`` differ."""
         if image.shape[:2] != label.shape:
             raise ConfigError(
                 f"{str(image_path)!r} is {image.shape[:2]} but its label {str(label_path)!r} is {label.shape}"
             )
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        image_path, label_path = self.pairs[index]
+        image, label = self.read_image(image_path), self.read_label(label_path)
+        self.check_same_size(image_path, image, label_path, label)
         if self.transform is not None:
             out = self.transform(image=image, mask=label.astype(np.uint8))
             image, label = out["image"], torch.as_tensor(out["mask"]).long()
