@@ -62,14 +62,15 @@ def package_student_config(option: str) -> dict[str, Any]:
 
 
 def rebuild_network(
-    ckpt_path: Path, metadata: Mapping[str, Any], student_cfg: DictConfig | None, num_classes: int
+    ckpt_path: Path, checkpoint: dict[str, Any], student_cfg: DictConfig | None, num_classes: int
 ) -> SegmentationNet:
-    """The network of ``ckpt_path`` with its weights, frozen, in eval mode.
+    """The network of ``ckpt_path`` (read into ``checkpoint``) with its weights, frozen, in eval mode.
 
     Built from ``student_cfg`` when the user gave one (checked against the checkpoint's record: a mismatch
     raises a :class:`ConfigError` naming both), else from the network config the checkpoint records
     (``metadata["network"]``), else from the package's ``student/<metadata["student_config"]>`` config.
     """
+    metadata = checkpoint.get("rdd_lightning") or {}
     if student_cfg is not None:
         net = instantiate(student_cfg, num_classes=num_classes, encoder_weights=None)
     elif metadata.get("network"):
@@ -83,7 +84,9 @@ def rebuild_network(
             f"pass student=<the network's config>, e.g. student=resnet18"
         )
     try:
-        return load_teacher(net, ckpt_path, config_hint="student", checkpoint_key="ckpt_path")
+        return load_teacher(
+            net, ckpt_path, config_hint="student", checkpoint_key="ckpt_path", checkpoint=checkpoint
+        )
     except ConfigError as err:
         if student_cfg is None:
             raise
@@ -195,7 +198,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     datamodule.prepare_data()
     datamodule.setup(SPLITS[cfg.split])  # a missing dataset fails here, before the network is built
     check_classes(ckpt_path, metadata, datamodule)
-    net = rebuild_network(ckpt_path, metadata, cfg.get("student"), datamodule.num_classes)
+    net = rebuild_network(ckpt_path, checkpoint, cfg.get("student"), datamodule.num_classes)
     module = DistillationModule(
         student=net,
         teacher=None,

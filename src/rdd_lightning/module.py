@@ -7,7 +7,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from rdd_lightning import inference as infer
@@ -104,10 +104,10 @@ class DistillationModule(L.LightningModule):
         self.log_dict({f"train/{k}": v for k, v in losses.items() if k != "loss"}, batch_size=images.shape[0])
         return losses["loss"]
 
-    def predict_logits(self, images: Tensor, net: nn.Module | None = None) -> Tensor:
-        """Logits ``[B, C, H, W]`` of ``images [B, 3, H, W]`` by ``net`` (default: the student), at the input
-        size, as :attr:`inference` says (see :func:`rdd_lightning.inference.predict_logits`)."""
-        return infer.predict_logits(net or self.student, images, self.inference)
+    def predict_logits(self, images: Tensor) -> Tensor:
+        """Logits ``[B, C, H, W]`` of ``images [B, 3, H, W]`` by the student, at the input size, as
+        :attr:`inference` says (see :func:`rdd_lightning.inference.predict_logits`)."""
+        return infer.predict_logits(self.student, images, self.inference)
 
     def evaluation_step(self, batch: dict[str, Any]) -> Tensor:
         """Predicted classes ``int64 [B, H, W]`` of a batch, counted into the confusion matrix."""

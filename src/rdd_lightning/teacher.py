@@ -52,15 +52,18 @@ def load_teacher(
     *,
     config_hint: str = "teacher",
     checkpoint_key: str | None = None,
+    checkpoint: dict[str, Any] | None = None,
 ) -> SegmentationNet:
     """Load ``checkpoint_path`` into ``net`` after checking architecture and class count; return it frozen.
 
     A checkpoint written by this package records the trained network's description; a mismatch with the
     ``config_hint`` config raises a :class:`ConfigError` naming both (and the key ``checkpoint_key``, default
-    ``<config_hint>.checkpoint``, that gave the file). Bare state dicts are loaded strictly.
+    ``<config_hint>.checkpoint``, that gave the file). Bare state dicts are loaded strictly. A caller that
+    has already read the file passes its contents as ``checkpoint`` so it is not read twice.
     """
     key = checkpoint_key or f"{config_hint}.checkpoint"
-    checkpoint = read_checkpoint(checkpoint_path)
+    if checkpoint is None:
+        checkpoint = read_checkpoint(checkpoint_path)
     recorded = (checkpoint.get("rdd_lightning") or {}).get("student")
     expected = net.describe()
     if recorded is not None:
