@@ -91,8 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             teacher = teacher_results(results)
             if teacher is not None:
                 rows.append(row("teacher", teacher))
-            role = "student" if results.get("teacher_checkpoint") else "network"
-            rows.append(row(role, results))
+            rows.append(row("student" if results.get("teacher_checkpoint") else "network", results))
     except FileNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
