@@ -112,3 +112,22 @@ def test_kd_bad_inputs():
         pixel_kd_loss(torch.zeros(1, 2, 1, 1), torch.zeros(1, 2, 1, 1), temperature=0.0)
     with pytest.raises(ValueError, match="classes"):
         pixel_kd_loss(torch.zeros(1, 2, 1, 1), torch.zeros(1, 3, 1, 1))
+
+
+def test_one_fp32_helper_for_rdd_and_every_loss():
+    import importlib
+
+    from rdd_lightning import rdd
+    from rdd_lightning.losses._precision import fp32_scope
+
+    assert rdd._fp32_scope is fp32_scope
+    for name in ("kd", "task", "cwd", "at", "fitnet", "dist", "skd", "ifvd", "dsd", "cirkd"):
+        module = importlib.import_module(f"rdd_lightning.losses.{name}")
+        assert module.fp32_scope is fp32_scope, name
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.is_autocast_enabled("cpu")
+        with fp32_scope(torch.device("cpu")):
+            assert not torch.is_autocast_enabled("cpu")
+            assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+        with fp32_scope("cpu"):
+            assert not torch.is_autocast_enabled("cpu")

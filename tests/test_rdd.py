@@ -108,8 +108,21 @@ def ref_wce(probs, y, mask, class_weight, normalize) -> float:
     return num / den if den > 0 else 0.0
 
 
-def ref_tse(zs, as_, zt, at, y, *, mode="xor", threshold=0.7, min_kept=100000, class_weight=None,
-            normalize="selected", confidence="gt_prob", aux_weight=0.4) -> float:  # fmt: skip
+def ref_tse(
+    zs,
+    as_,
+    zt,
+    at,
+    y,
+    *,
+    mode="xor",
+    threshold=0.7,
+    min_kept=100000,
+    class_weight=None,
+    normalize="selected",
+    confidence="gt_prob",
+    aux_weight=0.4,
+) -> float:
     size = tuple(y.shape[-2:])
     valid = y != IGNORE
 
@@ -183,6 +196,15 @@ def random_case(seed: int, *, B=2, C=3, h=3, w=4, H=5, W=7, ignore_frac=0.2, aux
         "at": logits(3.0).detach() if aux else None,
         "y": y,
     }
+
+
+# ----------------------------------------------------------------------------------------- public surface
+def test_public_surface_is_the_contract_plus_what_callers_use():
+    contract = {"tfe_weight", "tfe_task_loss", "hard_pixel_mask", "tse_task_loss"}
+    assert contract <= set(rdd.__all__)
+    assert all(hasattr(rdd, name) for name in rdd.__all__)
+    for private in ("fp32_scope", "pixel_cross_entropy", "selected_cross_entropy", "head_disagreement"):
+        assert private not in rdd.__all__ and not hasattr(rdd, private)
 
 
 # ------------------------------------------------------------------------------------------ upsampling
@@ -464,8 +486,9 @@ def test_tse_loss_hand_computed_class_weights():
     # xor selects (0,0) label 0 and (0,1) label 1
     loss = rdd.tse_task_loss(ZS, None, ZT, None, Y, min_kept=0, class_weight=[1.0, 2.0])
     assert loss.item() == pytest.approx((1 * L9 + 2 * L6) / 3, rel=1e-6)
-    loss = rdd.tse_task_loss(ZS, None, ZT, None, Y, min_kept=0, class_weight=torch.tensor([1.0, 2.0]),
-                             normalize="all_pixels")  # fmt: skip
+    loss = rdd.tse_task_loss(
+        ZS, None, ZT, None, Y, min_kept=0, class_weight=torch.tensor([1.0, 2.0]), normalize="all_pixels"
+    )
     assert loss.item() == pytest.approx((1 * L9 + 2 * L6) / 4, rel=1e-6)
 
 
@@ -504,10 +527,10 @@ def test_tse_loss_matches_per_pixel_reference(mode, normalize, min_kept):
     c = random_case(21)
     cw = [0.5, 1.0, 2.0]
     for class_weight in (None, cw):
-        loss = rdd.tse_task_loss(c["zs"], c["as_"], c["zt"], c["at"], c["y"], mode=mode, min_kept=min_kept,
-                                 class_weight=class_weight, normalize=normalize)  # fmt: skip
-        expected = ref_tse(c["zs"], c["as_"], c["zt"], c["at"], c["y"], mode=mode, min_kept=min_kept,
-                           class_weight=class_weight, normalize=normalize)  # fmt: skip
+        heads = (c["zs"], c["as_"], c["zt"], c["at"], c["y"])
+        options = {"mode": mode, "min_kept": min_kept, "class_weight": class_weight, "normalize": normalize}
+        loss = rdd.tse_task_loss(*heads, **options)
+        expected = ref_tse(*heads, **options)
         assert loss.dtype == torch.float32
         assert loss.item() == pytest.approx(expected, rel=1e-5, abs=1e-7)
 
@@ -516,10 +539,12 @@ def test_tse_loss_matches_per_pixel_reference(mode, normalize, min_kept):
 @pytest.mark.parametrize("threshold", [0.3, 0.7])
 def test_tse_loss_confidence_and_threshold_match_reference(confidence, threshold):
     c = random_case(4)
-    loss = rdd.tse_task_loss(c["zs"], c["as_"], c["zt"], c["at"], c["y"], min_kept=20, threshold=threshold,
-                             confidence=confidence)  # fmt: skip
-    expected = ref_tse(c["zs"], c["as_"], c["zt"], c["at"], c["y"], min_kept=20, threshold=threshold,
-                       confidence=confidence)  # fmt: skip
+    loss = rdd.tse_task_loss(
+        c["zs"], c["as_"], c["zt"], c["at"], c["y"], min_kept=20, threshold=threshold, confidence=confidence
+    )
+    expected = ref_tse(
+        c["zs"], c["as_"], c["zt"], c["at"], c["y"], min_kept=20, threshold=threshold, confidence=confidence
+    )
     assert loss.item() == pytest.approx(expected, rel=1e-5, abs=1e-7)
 
 
@@ -579,8 +604,9 @@ def test_class_weight_named_cityscapes():
     by_name = rdd.tse_task_loss(
         c["zs"], c["as_"], c["zt"], c["at"], c["y"], class_weight="cityscapes", min_kept=8
     )
-    expected = ref_tse(c["zs"], c["as_"], c["zt"], c["at"], c["y"], min_kept=8,
-                       class_weight=rdd.CITYSCAPES_CLASS_WEIGHTS)  # fmt: skip
+    expected = ref_tse(
+        c["zs"], c["as_"], c["zt"], c["at"], c["y"], min_kept=8, class_weight=rdd.CITYSCAPES_CLASS_WEIGHTS
+    )
     assert by_name.item() == pytest.approx(expected, rel=1e-5)
 
 
@@ -668,8 +694,10 @@ def test_empty_selection_gives_exact_zero_and_zero_gradient(mode):
     y = torch.full((2, 4, 4), IGNORE)
     for normalize in ("selected", "all_pixels"):
         zs.grad = as_.grad = None
-        loss = rdd.tse_task_loss(zs, as_, torch.randn(2, 3, 2, 2), torch.randn(2, 3, 2, 2), y, mode=mode,
-                                 normalize=normalize, class_weight=[1.0, 2.0, 3.0])  # fmt: skip
+        teacher = (torch.randn(2, 3, 2, 2), torch.randn(2, 3, 2, 2))
+        loss = rdd.tse_task_loss(
+            zs, as_, *teacher, y, mode=mode, normalize=normalize, class_weight=[1.0, 2.0, 3.0]
+        )
         assert loss.item() == 0.0
         loss.backward()
         assert torch.equal(zs.grad, torch.zeros_like(zs)) and torch.equal(as_.grad, torch.zeros_like(as_))
@@ -761,7 +789,7 @@ def test_property_tfe_weights_in_unit_interval(case, direction):
         st.sampled_from([0.0, 0.1, 0.25, 0.5, 0.69, 0.7, 0.71, 0.9, 1.0]) | st.floats(0, 1, width=32),
         min_size=1,
         max_size=40,
-    ),  # fmt: skip
+    ),
     st.data(),
     st.floats(0.0, 1.0),
     st.integers(0, 50),
@@ -774,8 +802,10 @@ def test_property_fast_threshold_equals_full_sort(values, data, threshold, min_k
     tau_ref = ref_threshold(q, valid, thr32, min_kept)
     tau = rdd.hard_pixel_threshold(q, valid, threshold=threshold, min_kept=min_kept)
     assert tau.item() == tau_ref
-    assert torch.equal(rdd.hard_mask_from_confidence(q, valid, threshold=threshold, min_kept=min_kept),
-                       valid & (q <= tau_ref))  # fmt: skip
+    assert torch.equal(
+        rdd.hard_mask_from_confidence(q, valid, threshold=threshold, min_kept=min_kept),
+        valid & (q <= tau_ref),
+    )
 
 
 @FAST
@@ -790,8 +820,9 @@ def test_property_losses_finite(case, mode, normalize, min_kept, aux):
     heads, y = case
     zs = heads["zs"].requires_grad_(True)
     as_ = heads["as_"].requires_grad_(True) if aux else None
-    loss = rdd.tse_task_loss(zs, as_, heads["zt"], heads["at"], y, mode=mode, normalize=normalize,
-                             min_kept=min_kept)  # fmt: skip
+    loss = rdd.tse_task_loss(
+        zs, as_, heads["zt"], heads["at"], y, mode=mode, normalize=normalize, min_kept=min_kept
+    )
     loss_tfe = rdd.tfe_task_loss(zs, as_, heads["zt"], heads["at"], y)
     (loss + loss_tfe).backward()
     assert torch.isfinite(loss) and torch.isfinite(loss_tfe) and loss >= 0 and loss_tfe >= 0

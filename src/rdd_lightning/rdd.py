@@ -33,13 +33,14 @@ the k-th-value path); ``tse_task_loss`` adds one for the number of valid pixels.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from rdd_lightning.losses._precision import fp32_scope as _fp32_scope
 
 __all__ = [
     "CITYSCAPES_CLASS_WEIGHTS",
@@ -48,17 +49,13 @@ __all__ = [
     "CONFIDENCES",
     "MASK_MODES",
     "NORMALIZATIONS",
-    "fp32_scope",
     "upsample_logits",
-    "pixel_cross_entropy",
     "pixel_confidence",
     "hard_pixel_threshold",
     "hard_mask_from_confidence",
     "hard_pixel_mask",
     "combine_hard_masks",
     "resolve_class_weight",
-    "selected_cross_entropy",
-    "head_disagreement",
     "tfe_weight",
     "tfe_task_loss",
     "tse_task_loss",
@@ -128,19 +125,6 @@ def _check_min_kept(min_kept: int) -> int:
     return int(min_kept)
 
 
-def fp32_scope(device: torch.device | str) -> contextlib.AbstractContextManager:
-    """Context manager that disables autocast on ``device``'s type, so math inside runs in the given dtypes.
-
-    Used around every softmax / log-softmax / KL of this module (they are computed in float32 after an
-    explicit ``.float()`` cast). Falls back to a no-op for device types autocast does not know.
-    """
-    device_type = torch.device(device).type
-    try:
-        return torch.autocast(device_type=device_type, enabled=False)
-    except (RuntimeError, ValueError):  # pragma: no cover - exotic device types
-        return contextlib.nullcontext()
-
-
 def upsample_logits(logits: Tensor, size: Sequence[int]) -> Tensor:
     """``up(logits)``: bilinear resize (``align_corners=True``) of ``[B, C, h, w]`` to ``[B, C, H, W]``, float32.
 
@@ -162,7 +146,7 @@ def upsample_logits(logits: Tensor, size: Sequence[int]) -> Tensor:
 def _log_probs_ce(logits: Tensor, target: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
     """One head: ``log softmax(up(logits))`` ``[B, C, H, W]`` and per-pixel CE ``[B, H, W]`` (0 at ignored).
 
-    Call inside :func:`fp32_scope`. Differentiable w.r.t. ``logits``.
+    Call inside :func:`~rdd_lightning.losses._precision.fp32_scope`. Differentiable w.r.t. ``logits``.
     """
     log_probs = torch.log_softmax(upsample_logits(logits, target.shape[-2:]), dim=1)
     ce = F.nll_loss(log_probs, target, reduction="none", ignore_index=ignore_index)
@@ -197,7 +181,7 @@ def _confidence_no_grad(
     image at a time in a single reused ``[1, C, H, W]`` float32 buffer: this bounds the temporary memory and,
     on CPU, avoids page-faulting a fresh full-batch buffer on every call.
     """
-    with torch.no_grad(), fp32_scope(logits.device):
+    with torch.no_grad(), _fp32_scope(logits.device):
         shifted = logits.detach().float()
         shifted = shifted - shifted.amax(dim=1, keepdim=True)  # [B,C,h,w], max 0 per logit pixel
         batch, num_classes = shifted.shape[:2]
@@ -226,23 +210,6 @@ def _confidence_no_grad(
             log_probs, ce = _log_probs_ce(logits.detach(), target, ignore_index)
             return _confidence_from_log_probs(log_probs, ce, valid, confidence)
         return numerator.div_(normaliser).masked_fill_(~valid, 1.0)
-
-
-def pixel_cross_entropy(logits: Tensor, target: Tensor, *, ignore_index: int = 255) -> Tensor:
-    """``CEpix(z, y)``: per-pixel cross-entropy of ``up(logits)`` against ``target``, 0 at ignored pixels.
-
-    Args:
-        logits: ``[B, C, h, w]`` scores, any floating dtype.
-        target: ``[B, H, W]`` integer labels; ``ignore_index`` marks void pixels.
-        ignore_index: label value of void pixels.
-
-    Returns:
-        ``[B, H, W]`` float32 cross-entropy in nats, differentiable w.r.t. ``logits``.
-    """
-    _check_target(target)
-    _check_logits("logits", logits, target)
-    with fp32_scope(logits.device):
-        return _log_probs_ce(logits, target, ignore_index)[1]
 
 
 def pixel_confidence(
@@ -445,7 +412,7 @@ def resolve_class_weight(
     return weight
 
 
-def selected_cross_entropy(
+def _selected_cross_entropy(
     ce: Tensor,
     target: Tensor,
     selected: Tensor,
@@ -488,7 +455,7 @@ def selected_cross_entropy(
 
 
 # --------------------------------------------------------------------------------------------- TFE-RDD
-def head_disagreement(
+def _head_disagreement(
     teacher_logits: Tensor, teacher_aux_logits: Tensor, kl_direction: KLDirection = "aux_to_main"
 ) -> Tensor:
     """Per-pixel KL ``u`` between the teacher's auxiliary and main heads at the teacher's logit resolution.
@@ -506,7 +473,7 @@ def head_disagreement(
         ``[B, h, w]`` float32 KL in nats (``>= 0``), without gradient.
     """
     _check_choice("kl_direction", kl_direction, KL_DIRECTIONS)
-    with torch.no_grad(), fp32_scope(teacher_logits.device):
+    with torch.no_grad(), _fp32_scope(teacher_logits.device):
         log_main = torch.log_softmax(teacher_logits.float(), dim=1)
         log_aux = torch.log_softmax(upsample_logits(teacher_aux_logits, teacher_logits.shape[-2:]), dim=1)
         if kl_direction == "aux_to_main":
@@ -534,7 +501,7 @@ def tfe_weight(
 ) -> Tensor:
     """TFE pixel weight ``up(exp(-u))`` at the label resolution, without gradient.
 
-    ``u`` is the teacher's main/aux head disagreement (:func:`head_disagreement`) computed at the teacher's
+    ``u`` is the teacher's main/aux head disagreement (:func:`_head_disagreement`) computed at the teacher's
     logit resolution; ``w = exp(-u)`` is in ``(0, 1]`` (1 where the heads agree; it underflows to 0 only for
     ``u`` above ~87 nats) and is then bilinearly upsampled (``align_corners=True``) to ``size``.
 
@@ -552,8 +519,8 @@ def tfe_weight(
     teacher_aux_logits = _require_teacher_aux(teacher_aux_logits)
     _check_logits("teacher_logits", teacher_logits)
     _check_logits("teacher_aux_logits", teacher_aux_logits, teacher_logits)
-    with torch.no_grad(), fp32_scope(teacher_logits.device):
-        weight = torch.exp(-head_disagreement(teacher_logits, teacher_aux_logits, kl_direction))
+    with torch.no_grad(), _fp32_scope(teacher_logits.device):
+        weight = torch.exp(-_head_disagreement(teacher_logits, teacher_aux_logits, kl_direction))
         return upsample_logits(weight.unsqueeze(1), size).squeeze(1)
 
 
@@ -600,7 +567,7 @@ def tfe_task_loss(
         _check_logits("student_aux_logits", student_aux_logits, target)
     size = target.shape[-2:]
     weight = tfe_weight(teacher_logits, teacher_aux_logits, size, kl_direction)  # [B,H,W], no grad
-    with fp32_scope(student_logits.device):
+    with _fp32_scope(student_logits.device):
         per_pixel = _log_probs_ce(student_logits, target, ignore_index)[1]
         if student_aux_logits is not None:
             aux_ce = _log_probs_ce(student_aux_logits, target, ignore_index)[1]
@@ -636,7 +603,7 @@ def tse_task_loss(
 
     ``L = WCE(zs, y on M) + aux_weight * WCE(as, y on M_aux)`` where
     ``M = combine(hard(zs), hard(zt), mode)`` and ``M_aux = combine(hard(as), hard(at), mode)``,
-    ``hard`` is :func:`hard_pixel_mask` and ``WCE`` is :func:`selected_cross_entropy`.
+    ``hard`` is :func:`hard_pixel_mask` and ``WCE`` is :func:`_selected_cross_entropy`.
 
     Aux heads: with no student aux head there is no aux term (the teacher's aux head is then not evaluated).
     If the student has an aux head but the teacher has none, the teacher's **main**-head mask stands in for
@@ -709,18 +676,18 @@ def tse_task_loss(
                     )
                 )
 
-    with fp32_scope(student_logits.device):
+    with _fp32_scope(student_logits.device):
         log_probs, ce = _log_probs_ce(student_logits, target, ignore_index)
         student_hard = hard(_confidence_from_log_probs(log_probs, ce, valid, confidence))
         del log_probs
         selected = combine_hard_masks(student_hard, teacher_hard, mode)
-        loss = selected_cross_entropy(ce, safe_target, selected, class_weight=weight, normalize=normalize)
+        loss = _selected_cross_entropy(ce, safe_target, selected, class_weight=weight, normalize=normalize)
         if has_aux:
             log_probs_a, ce_a = _log_probs_ce(student_aux_logits, target, ignore_index)
             aux_hard = hard(_confidence_from_log_probs(log_probs_a, ce_a, valid, confidence))
             del log_probs_a
             selected_aux = combine_hard_masks(aux_hard, teacher_aux_hard, mode)
-            aux_loss = selected_cross_entropy(
+            aux_loss = _selected_cross_entropy(
                 ce_a, safe_target, selected_aux, class_weight=weight, normalize=normalize
             )
             loss = loss + aux_weight * aux_loss

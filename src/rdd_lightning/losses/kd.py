@@ -5,20 +5,13 @@ Pure torch; no Lightning or Hydra. The weight ``lambda_kd`` is applied by the ca
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from rdd_lightning.losses._precision import fp32_scope
+
 __all__ = ["pixel_kd_loss"]
-
-
-def _fp32_scope(device: torch.device) -> contextlib.AbstractContextManager:
-    try:
-        return torch.autocast(device_type=device.type, enabled=False)
-    except (RuntimeError, ValueError):  # pragma: no cover - exotic device types
-        return contextlib.nullcontext()
 
 
 def pixel_kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
@@ -47,7 +40,7 @@ def pixel_kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: f
         )
     if not temperature > 0:
         raise ValueError(f"temperature={temperature!r} must be > 0")
-    with _fp32_scope(student_logits.device):
+    with fp32_scope(student_logits.device):
         zs = student_logits.float()
         zt = teacher_logits.detach().float()
         if zs.shape[-2:] != zt.shape[-2:]:

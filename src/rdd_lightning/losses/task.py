@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from rdd_lightning.losses._precision import fp32_scope
+
 
 def segmentation_ce_loss(
     logits: Tensor,
@@ -36,7 +38,7 @@ def segmentation_ce_loss(
         if class_weight is None
         else torch.as_tensor(class_weight, dtype=torch.float32, device=logits.device)
     )
-    with torch.autocast(device_type=logits.device.type, enabled=False):
+    with fp32_scope(logits.device):
         loss = logits.new_zeros((), dtype=torch.float32)
         for head, scale in ((logits, 1.0), (aux_logits, aux_weight)):
             if head is None or scale == 0:
