@@ -104,11 +104,41 @@ def test_resume_continues_the_schedule(tmp_path, stop, switch_at):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{}, {"fraction": 0.1, "step": 3}, {"fraction": 1.5}, {"step": -1}, {"step": 1, "blend": "cubic"}],
+    [
+        {"fraction": 0.1, "step": 3},
+        {"fraction": 1.5},
+        {"step": -1},
+        {"epoch": 1.5},
+        {"step": 1, "blend": "cubic"},
+    ],
 )
 def test_bad_switch_settings(kwargs):
     with pytest.raises(ConfigError, match="distillation"):
         RDDStageSwitch(**kwargs)
+
+
+def test_no_switch_setting_is_the_papers_fraction():
+    switch = RDDStageSwitch()
+    assert (switch.fraction, switch.epoch, switch.step) == (0.1, None, None)
+
+
+@pytest.mark.parametrize("blend", ["none", "linear"])
+def test_resume_with_longer_training_keeps_the_saved_switch_step(tmp_path, blend):
+    """Fraction 0.5 of 4 steps switches at step 2; resumed at step 4 with max_steps 12 (where 0.5 would give
+    6), the run stays in TSE-RDD at the saved step 2 and a linear blend runs to the new end, step 12."""
+    trainer, first = fit(rdd_module(blend), tmp_path, RDDStageSwitch(fraction=0.5, blend=blend), max_steps=4)
+    assert stages(first) == [0, 0, 1, 1]
+    ckpt = tmp_path / "mid.ckpt"
+    trainer.save_checkpoint(ckpt)
+    switch = RDDStageSwitch(fraction=0.5, blend=blend)
+    _, resumed = fit(rdd_module(blend), tmp_path, switch, max_steps=12, ckpt_path=ckpt)
+    assert [g for g, *_ in resumed.seen] == list(range(4, 12))
+    assert stages(resumed) == [1] * 8
+    assert (switch.switch_step, switch.total_steps) == (2, 12)
+    if blend == "linear":
+        assert [lam for _, _, lam, _ in resumed.seen] == pytest.approx(
+            [1 - (g - 2) / 10 for g in range(4, 12)]
+        )
 
 
 def test_tse_stats_are_logged(tmp_path):

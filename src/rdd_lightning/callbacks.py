@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
 import lightning as L
 
-from rdd_lightning.distillation import TFE, TSE
+from rdd_lightning.distillation import BLENDS, TFE, TSE, check_choice, resolve_switch
 from rdd_lightning.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 class RDDStageSwitch(L.Callback):
@@ -16,7 +19,9 @@ class RDDStageSwitch(L.Callback):
 
     The stage is a function of the trainer's progress (global step, or epoch), evaluated before every
     training batch, so a run resumed from a checkpoint is in the same stage, and switches at the same step,
-    as an uninterrupted run. The switch step is also kept in the callback's checkpoint state for inspection.
+    as an uninterrupted run. The switch step is kept in the callback's checkpoint state, and a resumed run
+    keeps it even if its planned length changed (``trainer.max_steps``): a run already in TSE-RDD stays there.
+    The planned length itself is re-read at every start, so a linear blend ends at the new last step.
 
     Args:
         fraction: switch after this fraction of ``trainer.estimated_stepping_batches`` (paper: 0.1).
@@ -25,29 +30,19 @@ class RDDStageSwitch(L.Callback):
         blend: ``none`` (hard switch) or ``linear``: after the switch the objective uses
             ``λ·L_TFE + (1-λ)·L_TSE`` with λ falling linearly from 1 at the switch to 0 at the last step.
 
-    Exactly one of ``fraction``, ``epoch``, ``step`` must be set. A switch point of 0 means TSE-RDD only; a
-    point at or past the end of training means TFE-RDD only.
+    At most one of ``fraction``, ``epoch``, ``step`` may be set; none means ``fraction=0.1`` (the paper's
+    first 10 %), as in the config (:func:`rdd_lightning.distillation.resolve_switch`). A switch point of 0
+    means TSE-RDD only; a point at or past the end of training means TFE-RDD only.
     """
 
     def __init__(self, fraction: float | None = None, epoch: int | None = None, step: int | None = None,
                  blend: str = "none"):  # fmt: skip
-        given = {
-            k: v for k, v in {"fraction": fraction, "epoch": epoch, "step": step}.items() if v is not None
-        }
-        if len(given) != 1:
-            raise ConfigError(
-                f"distillation.switch: set exactly one of fraction, epoch, step (got {given or 'none'}); "
-                f"e.g. distillation.switch.fraction=0.1 distillation.switch.step=null"
-            )
-        if fraction is not None and not 0.0 <= fraction <= 1.0:
-            raise ConfigError(f"distillation.switch.fraction={fraction}: must lie in [0, 1]")
-        if (epoch is not None and epoch < 0) or (step is not None and step < 0):
-            raise ConfigError(f"distillation.switch: epoch/step must be >= 0 (got {given})")
-        if blend not in ("none", "linear"):
-            raise ConfigError(f"distillation.blend={blend!r}: choose 'none' or 'linear'")
-        self.fraction, self.epoch, self.step, self.blend = fraction, epoch, step, blend
+        switch = resolve_switch(fraction=fraction, epoch=epoch, step=step)
+        self.fraction, self.epoch, self.step = (switch.get(k) for k in ("fraction", "epoch", "step"))
+        self.blend = check_choice("distillation.blend", blend, BLENDS)
         self.switch_step: int | None = None  # global step of the switch, once known
         self.total_steps: int | None = None
+        self._restored_switch_step: int | None = None  # from a checkpoint: wins over the planned one
 
     def _planned_switch_step(self, trainer: L.Trainer) -> int | None:
         if self.step is not None:
@@ -66,7 +61,14 @@ class RDDStageSwitch(L.Callback):
             raise ConfigError(
                 "distillation.switch.fraction needs a finite training length (trainer.max_steps or max_epochs)"
             )
-        self.switch_step = self._planned_switch_step(trainer)
+        planned = self._planned_switch_step(trainer)
+        if self._restored_switch_step is None:
+            self.switch_step = planned
+            return
+        self.switch_step = self._restored_switch_step
+        if planned is not None and planned != self.switch_step:
+            log.info("RDD stage switch: keeping step %d from the checkpoint (this run's plan gives %d)",
+                     self.switch_step, planned)  # fmt: skip
 
     def stage_at(self, global_step: int, epoch: int) -> int:
         if self.epoch is not None:
@@ -95,5 +97,7 @@ class RDDStageSwitch(L.Callback):
         return {"switch_step": self.switch_step, "total_steps": self.total_steps}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the saved switch step (kept by :meth:`on_train_start`, which re-reads total_steps)."""
+        self._restored_switch_step = state_dict.get("switch_step")
         self.switch_step = state_dict.get("switch_step", self.switch_step)
         self.total_steps = state_dict.get("total_steps", self.total_steps)
