@@ -76,3 +76,42 @@ def test_callbacks_and_loggers_instantiate(tmp_path):
     for group in (cfg.callbacks, cfg.logger):
         for node in group.values():
             instantiate(node)
+
+
+def test_every_config_folder_is_a_listed_package(repo_root):
+    """An installed wheel only ships the config folders pyproject.toml lists (a new group must be added)."""
+    import tomllib
+
+    listed = set(tomllib.loads((repo_root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = {
+        "rdd_lightning." + str(p.relative_to(repo_root)).replace("/", ".")
+        for p in (repo_root / "conf").rglob("*")
+        if p.is_dir() and p.name != "__pycache__"
+    }
+    assert folders - listed == set()
+
+
+@pytest.mark.parametrize("dataset", ["camvid", "cityscapes", "voc", "ade20k"])
+def test_real_datasets_default_to_the_papers_teacher(tmp_path, dataset):
+    cfg = compose_train_cfg(tmp_path, [f"dataset={dataset}"])
+    assert cfg.teacher.encoder_name == "resnet101" and cfg.teacher.decoder_channels == 256
+    assert compose_train_cfg(tmp_path, [f"dataset={dataset}", "teacher=resnet50"]).teacher.encoder_name == "resnet50"
+    assert compose_train_cfg(tmp_path, []).teacher.encoder_name == "resnet34"  # the synthetic demo's
+
+
+def test_slurm_launcher_follows_the_trainer(tmp_path):
+    """Each SLURM job is one DDP run: one task per GPU on every node, as Lightning's SLURM environment needs."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    overrides = ["hydra/launcher=submitit_slurm", "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2",
+                 "hydra.launcher.partition=gpu", "hydra.launcher.account=lab", "hydra.launcher.qos=high"]  # fmt: skip
+    with initialize_config_module(config_module="rdd_lightning.conf", version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
+    launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    assert launcher["_target_"].endswith("SlurmLauncher")
+    assert (launcher["tasks_per_node"], launcher["gpus_per_node"], launcher["nodes"]) == (4, 4, 2)
+    assert (launcher["partition"], launcher["account"], launcher["qos"]) == ("gpu", "lab", "high")
+    assert launcher["max_num_timeout"] > 0 and launcher["signal_delay_s"] > 0  # pre-empted jobs requeue
+    GlobalHydra.instance().clear()

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from rdd_lightning.distillation import DistillationObjective
 from rdd_lightning.models import build_model
-from rdd_lightning.module import DistillationModule, iou_from_confusion
+from rdd_lightning.module import DistillationModule, segmentation_metrics
 
 NUM_CLASSES = 3
 
@@ -113,9 +113,14 @@ def test_validation_logs_miou_and_per_class(tmp_path):
     assert set(module.last_val["per_class_iou"]) == {"a", "b", "c"}
 
 
-def test_iou_from_confusion_ignores_absent_classes():
-    confmat = torch.tensor([[3, 1, 0], [1, 5, 0], [0, 0, 0]])
-    iou, acc = iou_from_confusion(confmat)
+def test_segmentation_metrics_count_by_hand_and_leave_absent_classes_out():
+    # true class 0: 3 pixels -> 0, 1 -> 1; true class 1: 1 -> 0, 5 -> 1; class 2 absent; 2 void pixels
+    target = torch.tensor([[0, 0, 0, 0, 1, 1], [1, 1, 1, 1, 255, 255]])
+    preds = torch.tensor([[0, 0, 0, 1, 0, 1], [1, 1, 1, 1, 2, 0]])
+    metrics = segmentation_metrics(3, ignore_index=255)
+    metrics.update(preds[None], target[None])
+    out = metrics.compute()
+    iou, acc = out["iou"], out["acc"]
     assert iou[0] == pytest.approx(3 / 5) and iou[1] == pytest.approx(5 / 7) and torch.isnan(iou[2])
     assert acc == pytest.approx(8 / 10)
 

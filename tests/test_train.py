@@ -125,7 +125,7 @@ def test_wrong_teacher_class_count(train_cfg, tmp_path):
 def test_existing_run_directory_is_not_overwritten(train_cfg):
     cfg = train_cfg("distillation=none", "trainer.max_steps=1", "trainer.val_check_interval=1")
     (Path(cfg.paths.output_dir) / "results.json").write_text("{}")
-    with pytest.raises(ConfigError, match="already holds results"):
+    with pytest.raises(ConfigError, match="holds a finished run"):
         run(cfg)
     assert (Path(cfg.paths.output_dir) / "results.json").read_text() == "{}"
 

@@ -10,7 +10,6 @@ training, and the run directory (``logs/evaluate/runs/<time>``) receives ``resul
 from __future__ import annotations
 
 import colorsys
-import json
 import logging
 import time
 import warnings
@@ -27,13 +26,15 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
+from rdd_lightning.builders import build_datamodule, build_trainer
 from rdd_lightning.data import SegmentationDataModule
 from rdd_lightning.errors import ConfigError, exit_on_config_error
 from rdd_lightning.inference import InferenceConfig
+from rdd_lightning.launch import ddp_job, track_children
 from rdd_lightning.models import SegmentationNet, build_model
 from rdd_lightning.module import DistillationModule
+from rdd_lightning.resume import run_state, write_json
 from rdd_lightning.teacher import load_teacher, read_checkpoint
-from rdd_lightning.train import check_run_dir
 
 log = logging.getLogger("rdd_lightning.evaluate")
 
@@ -177,7 +178,10 @@ def check_inputs(cfg: DictConfig, output_dir: Path) -> tuple[Path, InferenceConf
     if cfg.split not in SPLITS:
         raise ConfigError(f"split={cfg.split!r}: choose one of {list(SPLITS)}")
     inference = InferenceConfig.from_any(OmegaConf.to_container(cfg.inference, resolve=True))
-    check_run_dir(output_dir)
+    if run_state(output_dir) != "new":
+        raise ConfigError(
+            f"run directory {str(output_dir)!r} already holds results or checkpoints; pass a new hydra.run.dir"
+        )
     predictions = output_dir / "predictions"
     if predictions.is_dir() and any(predictions.iterdir()):
         raise ConfigError(
@@ -194,9 +198,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     checkpoint = read_checkpoint(ckpt_path)
     metadata = checkpoint.get("rdd_lightning") or {}
 
-    datamodule: SegmentationDataModule = instantiate(cfg.dataset, _convert_="all")
-    datamodule.prepare_data()
-    datamodule.setup(SPLITS[cfg.split])  # a missing dataset fails here, before the network is built
+    datamodule = build_datamodule(cfg, stage=SPLITS[cfg.split])  # a missing dataset fails before the network
     check_classes(ckpt_path, metadata, datamodule)
     net = rebuild_network(ckpt_path, checkpoint, cfg.get("student"), datamodule.num_classes)
     module = DistillationModule(
@@ -212,16 +214,19 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     )
     predictions_dir = output_dir / "predictions" if cfg.save_predictions else None
     recorder = EvaluationRecorder(class_palette(datamodule), predictions_dir)
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=[recorder], logger=False)
-    if cfg.split == "val":
-        trainer.validate(module, datamodule=datamodule, verbose=False)
-        metrics = module.last_val
-    else:
-        trainer.test(module, datamodule=datamodule, verbose=False)
-        metrics = module.last_test
+    trainer = build_trainer(cfg, [recorder], with_loggers=False)
+    try:
+        if cfg.split == "val":
+            trainer.validate(module, datamodule=datamodule, verbose=False)
+            metrics = module.last_val
+        else:
+            trainer.test(module, datamodule=datamodule, verbose=False)
+            metrics = module.last_test
+    finally:
+        track_children(trainer)
 
     num_images = recorder.num_images
-    if trainer.world_size > 1:  # images of every process (a distributed sampler may repeat a few)
+    if trainer.world_size > 1:  # images of every process (each image is evaluated by exactly one)
         num_images = int(
             trainer.strategy.reduce(torch.tensor(num_images, device=module.device), reduce_op="sum")
         )
@@ -247,7 +252,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "output_dir": str(output_dir),
     }
     if trainer.is_global_zero:
-        (output_dir / "results.json").write_text(json.dumps(results, indent=2))
+        write_json(output_dir / "results.json", results)
         log.info("%s on %s/%s (%d images):\n%s\n-> %s", ckpt_path, datamodule.name, cfg.split,
                  num_images, iou_table(metrics["per_class_iou"], metrics["miou"], metrics["pixel_acc"]),
                  output_dir / "results.json")  # fmt: skip
@@ -258,7 +263,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 def main(cfg: DictConfig) -> float | None:
     torch.set_float32_matmul_precision("high")
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
-    results = exit_on_config_error(lambda: run(cfg), log)
+
+    def job() -> dict[str, Any]:
+        with ddp_job("rdd_lightning.evaluate", cfg.paths.output_dir):
+            return run(cfg)
+
+    results = exit_on_config_error(job, log)
     return results["mIoU"]
 
 

@@ -8,24 +8,32 @@ from typing import Any
 import lightning as L
 import torch
 from torch import Tensor
-from torchmetrics.classification import MulticlassConfusionMatrix
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
 from rdd_lightning import inference as infer
 from rdd_lightning.distillation import DistillationObjective
+from rdd_lightning.errors import ConfigError
 from rdd_lightning.models import SegmentationNet
 
 
-def iou_from_confusion(confmat: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-class IoU ``[C]`` (NaN for classes absent from both prediction and labels) and pixel accuracy.
-
-    ``confmat[i, j]`` counts pixels of true class ``i`` predicted as ``j``.
-    """
-    confmat = confmat.double()
-    tp = confmat.diag()
-    union = confmat.sum(0) + confmat.sum(1) - tp
-    iou = torch.where(union > 0, tp / union.clamp_min(1), torch.full_like(tp, float("nan")))
-    acc = tp.sum() / confmat.sum().clamp_min(1)
-    return iou, acc
+def segmentation_metrics(num_classes: int, ignore_index: int) -> MetricCollection:
+    """Per-class IoU ``[C]`` (NaN for a class absent from both prediction and labels, left out of the mean)
+    and pixel accuracy, over every pixel seen since the last reset, summed over processes under DDP."""
+    return MetricCollection(
+        {
+            "iou": MulticlassJaccardIndex(
+                num_classes,
+                average="none",
+                ignore_index=ignore_index,
+                zero_division=float("nan"),
+                validate_args=False,
+            ),
+            "acc": MulticlassAccuracy(
+                num_classes, average="micro", ignore_index=ignore_index, validate_args=False
+            ),
+        }  # fmt: skip
+    )
 
 
 class DistillationModule(L.LightningModule):
@@ -77,7 +85,7 @@ class DistillationModule(L.LightningModule):
         self.class_names = list(class_names)
         self.ignore_index = ignore_index
         self.metadata = dict(metadata or {})
-        self.val_confmat = MulticlassConfusionMatrix(num_classes, ignore_index=ignore_index)
+        self.val_metrics = segmentation_metrics(num_classes, ignore_index)
         self.last_val: dict[str, Any] = {}  # metrics of the last validation (train.py's results)
         self.last_test: dict[str, Any] = {}  # metrics of the last test
 
@@ -112,7 +120,7 @@ class DistillationModule(L.LightningModule):
     def evaluation_step(self, batch: dict[str, Any]) -> Tensor:
         """Predicted classes ``int64 [B, H, W]`` of a batch, counted into the confusion matrix."""
         preds = self.predict_logits(batch["image"]).argmax(1)
-        self.val_confmat.update(preds, batch["mask"])
+        self.val_metrics.update(preds, batch["mask"])
         return preds
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
@@ -130,8 +138,9 @@ class DistillationModule(L.LightningModule):
     def log_evaluation(self, prefix: str) -> dict[str, Any]:
         """Log ``<prefix>/mIoU``, ``/aAcc`` and ``/IoU/<class>`` (percent) of the pixels counted since the last
         call, reset the count, and return the numbers."""
-        iou, acc = iou_from_confusion(self.val_confmat.compute())
-        self.val_confmat.reset()
+        metrics = self.val_metrics.compute()
+        self.val_metrics.reset()
+        iou, acc = metrics["iou"].double(), metrics["acc"].double()
         miou = torch.nanmean(iou) * 100
         self.log(f"{prefix}/mIoU", miou.float(), prog_bar=True, sync_dist=False)
         self.log(f"{prefix}/aAcc", (acc * 100).float())
@@ -170,5 +179,13 @@ class DistillationModule(L.LightningModule):
         checkpoint["rdd_lightning"] = {**self.metadata, "student": self.student.describe()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = (checkpoint.get("rdd_lightning") or {}).get("teacher")
+        current = self.metadata.get("teacher")
+        if saved and current and saved.get("sha256") != current.get("sha256"):
+            raise ConfigError(
+                f"the checkpoint being resumed was distilled from teacher {saved.get('checkpoint')!r} (weights "
+                f"{saved.get('sha256')}), but this run's teacher.checkpoint={current.get('checkpoint')!r} has "
+                f"weights {current.get('sha256')}; resume with teacher.checkpoint={saved.get('checkpoint')}"
+            )
         if self.teacher is not None:
             checkpoint["state_dict"].update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})

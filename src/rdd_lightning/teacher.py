@@ -15,6 +15,7 @@ import torch
 from filelock import FileLock
 
 from rdd_lightning.errors import ConfigError
+from rdd_lightning.launch import clean_environment, wait_for
 from rdd_lightning.models import SegmentationNet
 
 TEACHER_RECIPE = "experiment=synthetic_teacher"
@@ -93,13 +94,18 @@ def auto_teacher_checkpoint(
     dataset_overrides: list[str],
     dataset_prepare: dict[str, Any],
     seed: int,
+    rank: int = 0,
 ) -> Path:
     """Train (once) and cache a teacher on the synthetic dataset with the package's teacher recipe.
 
     The cache key covers the teacher architecture, the dataset generator parameters and root
-    (whose name carries the generator version), the dataset overrides
-    and the seed, so a change of any of them trains a new teacher instead of reusing a wrong one. A file
-    lock makes concurrent runs (DDP ranks, sweep jobs) wait for one training instead of racing.
+    (whose name carries the generator version), the dataset overrides and the teacher's own seed
+    (``teacher.seed``, not the student's), so a sweep over student seeds shares one teacher while a change
+    of any of these trains a new one instead of reusing a wrong one.
+
+    Only global rank 0 of a distributed job trains it, in a subprocess with a clean environment (no rank or
+    SLURM variables, so it is a one-process job of its own); the other ranks wait for the file. A file lock
+    makes concurrent jobs of a sweep wait for one training instead of racing.
     """
     key_src = json.dumps(
         {
@@ -116,6 +122,12 @@ def auto_teacher_checkpoint(
     folder = Path(cache_dir) / "teachers" / f"synthetic-{teacher_choice}-{key}"
     target = folder / "teacher.ckpt"
     folder.mkdir(parents=True, exist_ok=True)
+    if rank != 0:
+        try:
+            wait_for(target, failed=folder / "failed.txt")
+        except RuntimeError as err:
+            raise ConfigError(str(err)) from err
+        return target
     with FileLock(str(folder / ".lock")):
         if target.is_file():
             return target
@@ -128,14 +140,27 @@ def auto_teacher_checkpoint(
         ]  # fmt: skip
         print(f"[rdd_lightning] no cached teacher for teacher={teacher_choice}; training one: {' '.join(cmd[1:])}",
               flush=True)  # fmt: skip
-        result = subprocess.run(cmd, check=False)
+        (folder / "failed.txt").unlink(missing_ok=True)
+        result = subprocess.run(cmd, check=False, env=clean_environment())
         best = run_dir / "checkpoints" / "best.ckpt"
         if result.returncode != 0 or not best.is_file():
-            raise ConfigError(
+            message = (
                 f"training the synthetic teacher failed (exit {result.returncode}); see {run_dir}. "
                 f"Train one yourself with `{train_teacher_command(teacher_choice, 'synthetic')}` and pass "
                 f"teacher.checkpoint=<its checkpoints/best.ckpt>."
             )
+            (folder / "failed.txt").write_text(message)
+            raise ConfigError(message)
         shutil.copyfile(best, folder / "teacher.ckpt.tmp")
         os.replace(folder / "teacher.ckpt.tmp", target)
     return target
+
+
+def weights_digest(net: torch.nn.Module) -> str:
+    """SHA-256 of a network's state dict (names, dtypes, shapes and values in key order), first 16 hex digits:
+    recorded in a student's checkpoints to tell, on resume, whether the teacher is still the same one."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(net.state_dict().items()):
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]

@@ -130,10 +130,16 @@ class SegmentationDataset(Dataset):
                 f"{str(image_path)!r} is {image.shape[:2]} but its label {str(label_path)!r} is {label.shape}"
             )
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        """Sample ``key``: an index, or ``(index, seed)`` to draw the augmentation from ``seed`` (what
+        :class:`~rdd_lightning.data.samplers.GlobalBatchSampler` yields, so a sample's crop and flip do not
+        depend on the loader worker or process that reads it)."""
+        index, seed = key if isinstance(key, tuple) else (key, None)
         image_path, label_path = self.pairs[index]
         image, label = self.read_image(image_path), self.read_label(label_path)
         self.check_same_size(image_path, image, label_path, label)
+        if seed is not None and hasattr(self.transform, "set_random_seed"):
+            self.transform.set_random_seed(seed)
         if self.transform is not None:
             out = self.transform(image=image, mask=label.astype(np.uint8))
             image, label = out["image"], torch.as_tensor(out["mask"]).long()

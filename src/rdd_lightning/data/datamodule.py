@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import math
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -11,8 +14,11 @@ from hydra.utils import get_class
 from torch.utils.data import DataLoader
 
 from rdd_lightning.data.base import SegmentationDataset
+from rdd_lightning.data.samplers import GlobalBatchSampler, ShardSampler
 from rdd_lightning.data.transforms import eval_transform, resolve_normalization, seed_worker, train_transform
 from rdd_lightning.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 class SegmentationDataModule(L.LightningDataModule):
@@ -24,10 +30,14 @@ class SegmentationDataModule(L.LightningDataModule):
         root: dataset folder.
         num_classes: classes of the dataset (checked against the class).
         crop_size: ``[h, w]`` training crop.
-        batch_size: training images per process (per GPU under DDP, so the global batch is
-            ``batch_size x devices x num_nodes``); at least 2 (BatchNorm on ASPP pooling).
+        batch_size: the *global* training batch (images per optimizer step over all processes; the paper's
+            16). Each of the ``devices x num_nodes`` processes loads ``batch_size / world_size`` of them
+            (see :meth:`per_process_batch`), at least 2 (BatchNorm on ASPP pooling).
         val_batch_size: validation images per process (1 for datasets whose images differ in size).
-        num_workers: loader workers per process.
+        num_workers: loader workers per process, capped at the CPUs this process may use divided by the
+            processes of this machine.
+        seed: seeds the training order and augmentation (see
+            :class:`~rdd_lightning.data.samplers.GlobalBatchSampler`).
         scale_range, hflip: augmentation (random scale range, horizontal-flip probability).
         normalization: ``imagenet`` (RGB, ImageNet mean/std) or ``caffe`` (BGR, mean pixel subtracted, no
             scaling; for checkpoints trained that way, as the authors' code did).
@@ -73,6 +83,7 @@ class SegmentationDataModule(L.LightningDataModule):
         ignore_index: int = 255,
         recipe: dict[str, Any] | None = None,
         teacher_checkpoint: str | None = None,
+        seed: int = 0,
     ):
         super().__init__()
         self.name = name
@@ -81,11 +92,6 @@ class SegmentationDataModule(L.LightningDataModule):
         if num_classes != self.dataset_cls.NUM_CLASSES:
             raise ConfigError(
                 f"dataset.num_classes={num_classes} but {dataset_class} has {self.dataset_cls.NUM_CLASSES} classes"
-            )
-        if batch_size < 2:
-            raise ConfigError(
-                f"dataset.batch_size={batch_size}: training needs at least 2 images per process "
-                f"(BatchNorm in DeepLabV3's image-pooling branch); use 2 or more"
             )
         if len(crop_size) != 2:
             raise ConfigError(f"dataset.crop_size={list(crop_size)}: expected [height, width]")
@@ -100,15 +106,16 @@ class SegmentationDataModule(L.LightningDataModule):
         )
         self.ignore_index = ignore_index
         self.batch_size, self.val_batch_size, self.num_workers = batch_size, val_batch_size, num_workers
+        self.seed = int(seed)
+        self.per_process_batch(1)  # a global batch below 2 fails at once
         self.splits = {"train": train_split, "val": val_split, "test": test_split}
         self.prepare_kwargs = dict(prepare or {})
         self.recipe = dict(recipe or {})
         self.teacher_checkpoint = teacher_checkpoint
         self.normalization = resolve_normalization(normalization, mean, std)
         norm = self.normalization
-        # the main process's augmentation stream follows the global seed; workers reseed (seed_worker)
-        self.train_tf = train_transform(crop_size, scale_range, hflip, norm.mean, norm.std, norm.bgr,
-                                        seed=torch.initial_seed() % 2**32)  # fmt: skip
+        # every training sample reseeds this pipeline from (seed, epoch, position): see GlobalBatchSampler
+        self.train_tf = train_transform(crop_size, scale_range, hflip, norm.mean, norm.std, norm.bgr)
         self.eval_tf = eval_transform(norm.mean, norm.std, norm.bgr)
         self.datasets: dict[str, SegmentationDataset] = {}
 
@@ -133,26 +140,87 @@ class SegmentationDataModule(L.LightningDataModule):
         elif stage in ("test", "predict"):
             self.dataset("test")
 
-    def _loader(self, stage: str, batch_size: int, shuffle: bool) -> DataLoader:
+    def per_process_batch(self, world_size: int) -> int:
+        """Training images per process when ``world_size`` processes share the global ``batch_size``."""
+        per_process, rest = divmod(self.batch_size, world_size)
+        if rest or per_process < 2:
+            raise ConfigError(
+                f"dataset.batch_size={self.batch_size} (the global batch) cannot be split over {world_size} "
+                f"process(es) into equal parts of at least 2 images (BatchNorm in DeepLabV3's image-pooling "
+                f"branch); use a multiple of {2 * world_size}, or fewer trainer.devices / trainer.num_nodes"
+            )
+        return per_process
+
+    def _world(self) -> tuple[int, int, int]:
+        """``(global rank, world size, processes on this machine)`` of the attached trainer, or one process."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0, 1, 1
+        return (
+            trainer.global_rank,
+            trainer.world_size,
+            max(1, trainer.world_size // max(1, trainer.num_nodes)),
+        )
+
+    def _workers(self) -> int:
+        local_processes = self._world()[2]
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        cap = max(0, cpus // local_processes)
+        if self.num_workers > cap:
+            log.info("dataset.num_workers=%d capped at %d: %d CPUs for %d process(es) on this machine",
+                     self.num_workers, cap, cpus, local_processes)  # fmt: skip
+        return min(self.num_workers, cap)
+
+    def _train_position(self) -> tuple[int, int]:
+        """``(epoch, batches of it already trained)`` from the trainer's progress (restored on resume)."""
+        trainer = self.trainer
+        batches = len(self.dataset("train")) // self.batch_size
+        steps_per_epoch = math.ceil(batches / trainer.accumulate_grad_batches)
+        done = (
+            trainer.global_step - trainer.current_epoch * steps_per_epoch
+        ) * trainer.accumulate_grad_batches
+        return trainer.current_epoch, min(max(0, done), batches)
+
+    def _loader(self, dataset: SegmentationDataset, **kwargs: Any) -> DataLoader:
+        workers = self._workers()
         return DataLoader(
-            self.dataset(stage),
-            batch_size=batch_size,
-            shuffle=shuffle,
-            drop_last=shuffle,
-            num_workers=self.num_workers,
+            dataset,
+            num_workers=workers,
             pin_memory=torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
+            persistent_workers=workers > 0,
             worker_init_fn=seed_worker,
+            **kwargs,
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.batch_size, shuffle=True)
+        rank, world_size, _ = self._world()
+        sampler = GlobalBatchSampler(
+            len(self.dataset("train")),
+            self.batch_size,
+            rank=rank,
+            world_size=world_size,
+            seed=self.seed,
+            position=self._train_position if getattr(self, "trainer", None) is not None else None,
+        )
+        if len(sampler) == 0:
+            raise ConfigError(
+                f"dataset.batch_size={self.batch_size} is larger than the {len(self.dataset('train'))} training "
+                f"images of {self.name!r}; use a smaller batch"
+            )
+        self.per_process_batch(world_size)
+        return self._loader(self.dataset("train"), batch_sampler=sampler)
+
+    def _eval_loader(self, stage: str) -> DataLoader:
+        rank, world_size, _ = self._world()
+        dataset = self.dataset(stage)
+        sampler = ShardSampler(len(dataset), rank, world_size)
+        return self._loader(dataset, batch_size=self.val_batch_size, sampler=sampler, shuffle=False)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", self.val_batch_size, shuffle=False)
+        return self._eval_loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", self.val_batch_size, shuffle=False)
+        return self._eval_loader("test")
 
 
 def check_palette(palette: Sequence[Sequence[int]] | None, num_classes: int) -> list[list[int]] | None:

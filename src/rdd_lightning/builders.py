@@ -1,0 +1,199 @@
+"""From a composed config to the objects of a run: datamodule, objective, trainer, networks, module.
+
+Shared by the entry points (``train``, ``evaluate``); each builder fails with a one-line
+:class:`~rdd_lightning.errors.ConfigError` on input it cannot use, before any training starts.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.accelerators import CUDAAccelerator
+from lightning.pytorch.callbacks import DeviceStatsMonitor, LearningRateMonitor
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+from rdd_lightning.data import SegmentationDataModule
+from rdd_lightning.distillation import DistillationObjective
+from rdd_lightning.errors import ConfigError, find_config_error
+from rdd_lightning.models import SegmentationNet
+from rdd_lightning.resume import AtomicCheckpointIO, StepSeed
+from rdd_lightning.teacher import auto_teacher_checkpoint, load_teacher, train_teacher_command, weights_digest
+
+log = logging.getLogger(__name__)
+
+#: callbacks that only make sense with a logger (dropped, with a log line, under ``logger=none``)
+LOGGER_CALLBACKS = (LearningRateMonitor, DeviceStatsMonitor)
+
+
+@rank_zero_only
+def print_config(cfg: DictConfig) -> None:
+    """Print the composed config as a tree (lightning-hydra-template style)."""
+    from rich import print as rprint
+    from rich.tree import Tree
+
+    tree = Tree("config", guide_style="dim")
+    for key, value in cfg.items():
+        branch = tree.add(str(key))
+        text = OmegaConf.to_yaml(value, resolve=True) if isinstance(value, DictConfig) else str(value)
+        branch.add(text.rstrip())
+    rprint(tree)
+
+
+def instantiate_list(group: DictConfig | None) -> list[Any]:
+    if not group:
+        return []
+    return [instantiate(c) for c in group.values() if isinstance(c, DictConfig) and "_target_" in c]
+
+
+# ------------------------------------------------------------------------------------------------ data
+def build_datamodule(cfg: DictConfig, stage: str = "fit") -> SegmentationDataModule:
+    """The dataset's datamodule with its files listed (a missing dataset fails here, before any model)."""
+    datamodule: SegmentationDataModule = instantiate(
+        cfg.dataset, _convert_="all", seed=int(cfg.get("seed", 0))
+    )
+    datamodule.prepare_data()  # generates the synthetic data (under a file lock: safe in every DDP rank)
+    datamodule.setup(stage)
+    return datamodule
+
+
+def build_objective(cfg: DictConfig, datamodule: SegmentationDataModule) -> DistillationObjective:
+    """The training objective; every ``distillation.*`` option is checked here."""
+    options = OmegaConf.to_container(cfg.distillation, resolve=True)
+    return DistillationObjective(
+        **options, num_classes=datamodule.num_classes, ignore_index=datamodule.ignore_index
+    )
+
+
+# ------------------------------------------------------------------------------------------------ trainer
+def stage_switch_callback(objective: DistillationObjective) -> list[L.Callback]:
+    """The RDD stage switch when the objective has stages (``task: rdd``), else nothing."""
+    if objective.task != "rdd":
+        return []
+    from rdd_lightning.callbacks import RDDStageSwitch
+
+    return [RDDStageSwitch(**objective.switch, blend=objective.blend)]
+
+
+def build_trainer(
+    cfg: DictConfig, extra_callbacks: list[L.Callback] = (), *, with_loggers: bool = True
+) -> L.Trainer:
+    """The Trainer of ``cfg.trainer`` with the configured callbacks and loggers, this package's checkpoint
+    writer (atomic) and per-step seeding. ``trainer.sync_batchnorm`` is left to :func:`apply_sync_batchnorm`
+    (the student only); an impossible device request fails as a :class:`ConfigError`."""
+    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer_cfg.pop("sync_batchnorm", None)
+    if trainer_cfg.get("use_distributed_sampler"):
+        raise ConfigError(
+            "trainer.use_distributed_sampler=true: the datamodule shards data itself (exact resume, every "
+            "validation image once); leave it false"
+        )
+    loggers = instantiate_list(cfg.get("logger")) if with_loggers else []
+    callbacks = instantiate_list(cfg.get("callbacks")) + list(extra_callbacks)
+    if not loggers:
+        dropped = [type(c).__name__ for c in callbacks if isinstance(c, LOGGER_CALLBACKS)]
+        if dropped:
+            log.info("no logger: callbacks %s are dropped", dropped)
+        callbacks = [c for c in callbacks if not isinstance(c, LOGGER_CALLBACKS)]
+    callbacks.append(StepSeed(int(cfg.get("seed", 0))))
+    try:
+        return instantiate(
+            trainer_cfg, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
+        )
+    except Exception as err:  # Lightning's device checks, wrapped by Hydra
+        cause = err
+        while cause is not None and not isinstance(cause, MisconfigurationException):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None or find_config_error(err) is not None:
+            raise
+        first = str(cause).strip().splitlines()[0]
+        raise ConfigError(
+            f"trainer.accelerator={trainer_cfg.get('accelerator')!r} trainer.devices={trainer_cfg.get('devices')!r}"
+            f" trainer.num_nodes={trainer_cfg.get('num_nodes', 1)}: {first} Ask for the devices this machine "
+            f"has (trainer.accelerator=cpu to run without GPUs)."
+        ) from err
+
+
+def apply_sync_batchnorm(cfg: DictConfig, trainer: L.Trainer, student: SegmentationNet) -> SegmentationNet:
+    """Convert the student's BatchNorm layers to SyncBatchNorm when ``trainer.sync_batchnorm`` asks for it and
+    several GPU processes run. The frozen teacher keeps plain BatchNorm in eval mode. On CPU (gloo), where
+    SyncBatchNorm cannot run, each process keeps its own statistics and a line says so."""
+    if not cfg.trainer.get("sync_batchnorm") or trainer.world_size == 1:
+        return student
+    if not isinstance(trainer.accelerator, CUDAAccelerator):
+        log.info("trainer.sync_batchnorm=true needs GPUs: on %s each process keeps its own BatchNorm statistics",
+                 type(trainer.accelerator).__name__)  # fmt: skip
+        return student
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)
+
+
+# ------------------------------------------------------------------------------------------------ networks
+def build_student(cfg: DictConfig, num_classes: int) -> SegmentationNet:
+    return instantiate(cfg.student, num_classes=num_classes)
+
+
+def network_spec(student_cfg: DictConfig) -> dict[str, Any] | None:
+    """Keyword arguments of ``build_model`` for the student (weights and class count left out), recorded in
+    checkpoints so that ``rdd_lightning.evaluate`` rebuilds the network from the checkpoint alone."""
+    spec = OmegaConf.to_container(student_cfg, resolve=True)
+    if spec.pop("_target_", None) != "rdd_lightning.models.build_model":
+        return None  # a custom network factory: evaluation needs student=<its config>
+    spec.pop("num_classes", None)
+    return {**spec, "encoder_weights": None}
+
+
+def build_teacher(
+    cfg: DictConfig, datamodule: SegmentationDataModule, objective: DistillationObjective, rank: int = 0
+) -> tuple[SegmentationNet, dict[str, str]]:
+    """The frozen teacher of a distillation run and its record (``checkpoint`` path, ``sha256`` of its
+    weights); fails before training when no usable checkpoint is given."""
+    choices = HydraConfig.get().runtime.choices
+    teacher_choice, dataset_choice = choices.get("teacher"), choices.get("dataset")
+    teacher_cfg = OmegaConf.to_container(cfg.teacher, resolve=True)
+    checkpoint = teacher_cfg.pop("checkpoint", None)
+    teacher_seed = int(teacher_cfg.pop("seed", 0))
+    auto_overrides = [str(o) for o in teacher_cfg.pop("auto_overrides", None) or []]
+    if checkpoint in (None, ""):
+        raise ConfigError(
+            f"distillation={objective.name} needs a teacher checkpoint: pass teacher.checkpoint=<path to a "
+            f"checkpoint of this package>. Train one with `{train_teacher_command(teacher_choice, dataset_choice)}`"
+            + (
+                ", or use teacher.checkpoint=auto on dataset=synthetic."
+                if datamodule.name == "synthetic"
+                else "."
+            )
+        )
+    if checkpoint == "auto":
+        if datamodule.name != "synthetic":
+            raise ConfigError(
+                f"teacher.checkpoint=auto works on dataset=synthetic only (dataset={dataset_choice}). Train a "
+                f"teacher with `{train_teacher_command(teacher_choice, dataset_choice)}` and pass "
+                f"teacher.checkpoint=<its checkpoints/best.ckpt>."
+            )
+        overrides = [o for o in HydraConfig.get().overrides.task if o.lstrip("+~").startswith("dataset")]
+        checkpoint = auto_teacher_checkpoint(
+            cache_dir=cfg.paths.cache_dir,
+            teacher_choice=teacher_choice,
+            teacher_cfg=teacher_cfg,
+            dataset_overrides=overrides + auto_overrides,
+            dataset_prepare={**datamodule.prepare_kwargs, "root": datamodule.root},
+            seed=teacher_seed,
+            rank=rank,
+        )
+    teacher_cfg["encoder_weights"] = None  # all weights come from the checkpoint
+    net = instantiate(teacher_cfg, num_classes=datamodule.num_classes)
+    if objective.needs_teacher_aux and net.aux_head is None:
+        raise ConfigError(
+            f"distillation={objective.name} uses TFE-RDD, which needs a teacher with an auxiliary head; "
+            f"teacher={teacher_choice} has teacher.aux_head=false"
+        )
+    cfg.teacher.checkpoint = str(checkpoint)
+    net = load_teacher(net, checkpoint)
+    return net, {"checkpoint": str(Path(checkpoint).resolve()), "sha256": weights_digest(net)}

@@ -1,0 +1,232 @@
+"""Runs at scale, for real: 2-process DDP (gloo), Hydra multiruns of DDP jobs, W&B per job, one auto-teacher
+per sweep, a run killed with SIGTERM and resumed, resume into a new directory, and the run-directory rules."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from rdd_lightning.errors import ConfigError
+from rdd_lightning.train import run
+from tests.conftest import cli_env
+
+pytestmark = pytest.mark.slow
+
+# the tiny data of conftest.TINY, with an odd number of validation images and a global batch of 4
+CLI_TINY = [
+    "dataset.prepare.image_size=32",
+    "dataset.prepare.num_train=8",
+    "dataset.prepare.num_val=5",
+    "dataset.prepare.num_test=2",
+    "dataset.crop_size=[32,32]",
+    "dataset.batch_size=4",
+    "dataset.val_batch_size=2",
+    "trainer.enable_progress_bar=false",
+    "~callbacks.progress_bar",
+    "trainer.enable_model_summary=false",
+    "trainer.log_every_n_steps=1",
+]
+DDP2 = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true"]
+
+
+def cli(tmp_path: Path, module: str, *args: str, timeout: int = 400) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", f"rdd_lightning.{module}", *args], cwd=tmp_path,
+                          env=cli_env(tmp_path), capture_output=True, text=True, timeout=timeout)  # fmt: skip
+
+
+def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def student_weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    return {k: v for k, v in state.items() if k.startswith("student.")}
+
+
+def test_ddp_run_writes_one_result_and_counts_each_validation_image_once(tmp_path):
+    run_dir = tmp_path / "ddp"
+    proc = ok(cli(tmp_path, "train", *CLI_TINY, *DDP2, "distillation=none", "trainer.max_steps=3",
+                  "trainer.val_check_interval=2", f"hydra.run.dir={run_dir}"))  # fmt: skip
+    assert [p.relative_to(tmp_path) for p in tmp_path.rglob("results.json")] == [Path("ddp/results.json")]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert (results["world_size"], results["global_batch_size"], results["per_process_batch_size"]) == (
+        2,
+        4,
+        2,
+    )
+    assert "sync_batchnorm=true needs GPUs" in proc.stderr + proc.stdout  # trainer=ddp asks for it; CPU can't
+    assert (run_dir / "train_rank1.log").is_file() and not (
+        tmp_path / "logs"
+    ).exists()  # rank 1 used the job dir
+
+    last = run_dir / "checkpoints" / "last.ckpt"
+    evals = {}
+    for name, extra in (("one", []), ("two", DDP2)):
+        data = [a for a in CLI_TINY if a.startswith("dataset.")]
+        ok(cli(tmp_path, "evaluate", *data, *extra, f"ckpt_path={last}", f"hydra.run.dir={tmp_path / name}"))
+        evals[name] = json.loads((tmp_path / name / "results.json").read_text())
+    # 5 images on 2 processes: 3 + 2, none repeated, so the same confusion matrix as one process
+    assert evals["one"]["num_images"] == evals["two"]["num_images"] == 5
+    assert evals["two"]["mIoU"] == pytest.approx(evals["one"]["mIoU"], abs=1e-9)
+    assert evals["two"]["per_class_iou"] == pytest.approx(
+        evals["one"]["per_class_iou"], abs=1e-9, nan_ok=True
+    )
+    # the run's own final validation (2 processes) saw the same final weights
+    assert results["final_val_miou"] == pytest.approx(evals["one"]["mIoU"], abs=1e-6)
+
+
+def test_multirun_of_ddp_jobs_gives_one_run_and_one_wandb_run_per_job(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = ok(cli(tmp_path, "train", "-m", *CLI_TINY, *DDP2, "distillation=none", "trainer.max_steps=2",
+                  "trainer.val_check_interval=2", "logger=wandb", "seed=1,2", f"hydra.sweep.dir={sweep}"))  # fmt: skip
+    results = sorted(tmp_path.rglob("results.json"))
+    assert results == [sweep / "0" / "results.json", sweep / "1" / "results.json"], proc.stderr[-2000:]
+    seeds = [json.loads(p.read_text())["seed"] for p in results]
+    assert seeds == [1, 2] and all(json.loads(p.read_text())["world_size"] == 2 for p in results)
+    assert not (tmp_path / "logs").exists()  # no rank started a sweep (or a run) of its own
+    wandb_runs = sorted(p.parents[2].name for p in sweep.glob("*/wandb/offline-run-*/run-*.wandb"))
+    assert wandb_runs == ["0", "1"]  # each job its own W&B run, not job 2 logging into job 1's
+
+
+def test_submitit_local_sweep_of_ddp_jobs(tmp_path):
+    """hydra-submitit-launcher's local executor runs each job in a worker whose argv is submitit's, not ours:
+    the job's DDP ranks must still be started with the job's own command."""
+    sweep = tmp_path / "sweep"
+    ok(cli(tmp_path, "train", "-m", *CLI_TINY, *DDP2, "distillation=none", "trainer.max_steps=2",
+           "trainer.val_check_interval=2", "seed=1,2", "hydra/launcher=submitit_local", f"hydra.sweep.dir={sweep}"))  # fmt: skip
+    results = sorted(tmp_path.rglob("results.json"))
+    assert results == [sweep / "0" / "results.json", sweep / "1" / "results.json"]
+    assert [json.loads(p.read_text())["world_size"] for p in results] == [2, 2]
+
+
+def test_seed_sweep_trains_one_auto_teacher(tmp_path):
+    sweep = tmp_path / "sweep"
+    teacher_recipe = '["trainer.max_steps=2","trainer.val_check_interval=2","trainer.accelerator=cpu","trainer.enable_progress_bar=false","~callbacks.progress_bar"]'
+    proc = ok(cli(tmp_path, "train", "-m", *CLI_TINY, "teacher=resnet18", f"teacher.auto_overrides={teacher_recipe}",
+                  "distillation=kd", "trainer.max_steps=2", "trainer.val_check_interval=2", "seed=1,2",
+                  f"hydra.sweep.dir={sweep}"))  # fmt: skip
+    teachers = list((tmp_path / "cache" / "teachers").glob("*/teacher.ckpt"))
+    assert len(teachers) == 1, teachers
+    assert proc.stdout.count("no cached teacher") == 1
+    used = {json.loads(p.read_text())["teacher_checkpoint"] for p in sweep.glob("*/results.json")}
+    assert used == {str(teachers[0].resolve())}
+
+
+def _train_args(run_dir: Path, teacher: Path) -> list[str]:
+    return [*CLI_TINY, "dataset.batch_size=2", "distillation=rdd", "teacher=resnet18", f"teacher.checkpoint={teacher}",
+            "distillation.switch.step=5", "distillation.tse.min_kept=100", "trainer.max_steps=30",
+            "trainer.val_check_interval=4", "trainer.deterministic=true", f"hydra.run.dir={run_dir}"]  # fmt: skip
+
+
+def test_killed_and_resumed_run_ends_with_the_uninterrupted_weights(tmp_path, train_cfg):
+    teacher = Path(run(train_cfg("distillation=none", "student=resnet18_scratch", "trainer.max_steps=2",
+                                 "trainer.val_check_interval=2"))["best_checkpoint"])  # fmt: skip
+    ok(cli(tmp_path, "train", *_train_args(tmp_path / "whole", teacher)))
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "rdd_lightning.train", *_train_args(killed, teacher)],
+                            cwd=tmp_path, env=cli_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)  # fmt: skip
+    deadline = time.time() + 300
+    while (
+        not (killed / "checkpoints" / "last.ckpt").exists() and time.time() < deadline and proc.poll() is None
+    ):
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()[0][-3000:]
+    proc.send_signal(signal.SIGTERM)  # after the step-4 validation, mid-run
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, output[-3000:]
+    assert not (killed / "results.json").exists()
+    saved = torch.load(killed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert 4 < saved["global_step"] < 30  # the step the signal interrupted, not the last validation's
+
+    # resumed in place, the way a requeued job resumes (its directory holds an unfinished run)
+    ok(cli(tmp_path, "train", *_train_args(killed, teacher), "ckpt_path=last"))
+    whole = json.loads((tmp_path / "whole" / "results.json").read_text())
+    resumed = json.loads((killed / "results.json").read_text())
+    assert resumed["global_step"] == whole["global_step"] == 30
+    a, b = (
+        student_weights(tmp_path / "whole" / "checkpoints" / "last.ckpt"),
+        student_weights(killed / "checkpoints" / "last.ckpt"),
+    )
+    assert a.keys() == b.keys()
+    assert max((a[k].double() - b[k].double()).abs().max().item() for k in a) <= 1e-6
+    assert resumed["best_val_miou"] == pytest.approx(whole["best_val_miou"], abs=1e-6)
+    assert resumed["final_val_miou"] == pytest.approx(whole["final_val_miou"], abs=1e-6)
+
+
+def test_new_run_in_a_finished_run_directory_is_refused_before_anything_changes(tmp_path):
+    run_dir = tmp_path / "done"
+    ok(cli(tmp_path, "train", *CLI_TINY, "distillation=none", "trainer.max_steps=1", "trainer.val_check_interval=1",
+           f"hydra.run.dir={run_dir}"))  # fmt: skip
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+    proc = cli(tmp_path, "train", *CLI_TINY, "distillation=none", "seed=7", f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "holds a finished run" in errors[0] and "Traceback" not in proc.stderr
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()} == before
+
+
+def test_resume_into_a_new_directory_keeps_best_score_and_checkpoint(train_cfg):
+    first = run(train_cfg("distillation=none", "trainer.max_steps=4", "trainer.val_check_interval=2"))
+    resumed = run(train_cfg("distillation=none", "trainer.max_steps=6", "trainer.val_check_interval=2",
+                            f"ckpt_path={first['last_checkpoint']}"))  # fmt: skip
+    assert resumed["global_step"] == 6 and resumed["resumed_from"] == first["last_checkpoint"]
+    new_dir = Path(resumed["output_dir"])
+    assert Path(resumed["best_checkpoint"]).parent == new_dir / "checkpoints"
+    assert (new_dir / "checkpoints" / "best.ckpt").is_file()
+    assert resumed["best_val_miou"] >= first["best_val_miou"] - 1e-4  # the earlier best is remembered
+
+
+def test_resume_with_another_teacher_is_refused(train_cfg):
+    teachers = [
+        Path(
+            run(
+                train_cfg(
+                    "distillation=none",
+                    "student=resnet18_scratch",
+                    f"seed={s}",
+                    "trainer.max_steps=1",
+                    "trainer.val_check_interval=1",
+                )
+            )["best_checkpoint"]
+        )  # fmt: skip
+        for s in (1, 2)
+    ]
+    first = run(train_cfg("distillation=kd", "teacher=resnet18", f"teacher.checkpoint={teachers[0]}",
+                          "trainer.max_steps=2", "trainer.val_check_interval=2"))  # fmt: skip
+    resume = train_cfg("distillation=kd", "teacher=resnet18", f"teacher.checkpoint={teachers[1]}",
+                       "trainer.max_steps=4", "trainer.val_check_interval=2", f"ckpt_path={first['last_checkpoint']}")  # fmt: skip
+    with pytest.raises(ConfigError, match=r"distilled from teacher .* resume with teacher\.checkpoint="):
+        run(resume)
+
+
+def test_global_batch_that_does_not_split_is_refused(train_cfg):
+    cfg = train_cfg("distillation=none", "dataset.batch_size=6", *DDP2[:2], "trainer.devices=4")
+    with pytest.raises(
+        ConfigError, match=r"dataset\.batch_size=6 \(the global batch\) cannot be split over 4"
+    ):
+        run(cfg)
+
+
+def test_gpu_request_without_gpu_is_one_config_error(train_cfg):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    cfg = train_cfg("distillation=none", "trainer.accelerator=gpu")
+    with pytest.raises(ConfigError, match=r"trainer\.accelerator='gpu' trainer\.devices=1"):
+        run(cfg)
+
+
+def test_logger_none_trains(train_cfg):
+    results = run(
+        train_cfg("distillation=none", "logger=none", "trainer.max_steps=1", "trainer.val_check_interval=1")
+    )
+    assert results["global_step"] == 1 and not (Path(results["output_dir"]) / "csv").exists()
