@@ -24,6 +24,7 @@ from rdd_lightning.data import SegmentationDataModule
 from rdd_lightning.distillation import DistillationObjective
 from rdd_lightning.errors import ConfigError, find_config_error
 from rdd_lightning.models import SegmentationNet
+from rdd_lightning.module import DistillationModule
 from rdd_lightning.resume import AtomicCheckpointIO, StepSeed
 from rdd_lightning.teacher import auto_teacher_checkpoint, load_teacher, train_teacher_command, weights_digest
 
@@ -197,3 +198,33 @@ def build_teacher(
     cfg.teacher.checkpoint = str(checkpoint)
     net = load_teacher(net, checkpoint)
     return net, {"checkpoint": str(Path(checkpoint).resolve()), "sha256": weights_digest(net)}
+
+
+def build_module(
+    cfg: DictConfig,
+    datamodule: SegmentationDataModule,
+    objective: DistillationObjective,
+    student: SegmentationNet,
+    teacher: SegmentationNet | None,
+    teacher_record: dict[str, str] | None,
+) -> DistillationModule:
+    """The LightningModule of a training run; its checkpoints record what ``evaluate`` and a resume check."""
+    choices = HydraConfig.get().runtime.choices
+    return DistillationModule(
+        student=student,
+        teacher=teacher,
+        objective=objective,
+        optimizer=instantiate(cfg.optimizer),
+        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+        num_classes=datamodule.num_classes,
+        class_names=datamodule.class_names,
+        ignore_index=datamodule.ignore_index,
+        metadata={
+            "dataset": datamodule.name,
+            "student_config": choices.get("student"),
+            "class_names": datamodule.class_names,
+            "network": network_spec(cfg.student),
+            "teacher": teacher_record,
+        },
+        inference=OmegaConf.to_container(cfg.inference, resolve=True) if cfg.get("inference") else None,
+    )

@@ -19,7 +19,6 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
@@ -59,55 +58,12 @@ def save_final(trainer: L.Trainer, final: dict[str, Any]) -> tuple[str | None, f
     return best_path, best, str(last)
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """Train as ``cfg`` says; return (and write) the results dictionary."""
-    start = time.time()
-    output_dir = Path(cfg.paths.output_dir)
-    ckpt_path = resolve_ckpt_path(output_dir, cfg.ckpt_path)  # before anything in the directory changes
-    builders.print_config(cfg)
-    L.seed_everything(cfg.seed, workers=True)
-
-    datamodule = builders.build_datamodule(cfg)
-    objective = builders.build_objective(cfg, datamodule)
-    wandb_job.configure(cfg)
-    trainer = builders.build_trainer(cfg, builders.stage_switch_callback(objective))
-    per_process = datamodule.per_process_batch(trainer.world_size)
-    log.info("batch: %d global = %d process(es) x %d", datamodule.batch_size, trainer.world_size, per_process)
-    student = builders.apply_sync_batchnorm(cfg, trainer, builders.build_student(cfg, datamodule.num_classes))
-    teacher, teacher_record = (
-        builders.build_teacher(cfg, datamodule, objective, rank=rank_zero_only.rank)
-        if objective.needs_teacher
-        else (None, None)
-    )
+def results_record(cfg: DictConfig, trainer: L.Trainer, datamodule, objective, final: dict, saved: tuple,
+                   teacher: dict | None, ckpt_path: str | None, wall_time_s: float) -> dict[str, Any]:  # fmt: skip
+    """What ``results.json`` holds (``report`` and the notebooks read it instead of logs)."""
+    best_path, best_miou, last_path = saved
     choices = HydraConfig.get().runtime.choices
-    module = DistillationModule(
-        student=student,
-        teacher=teacher,
-        objective=objective,
-        optimizer=instantiate(cfg.optimizer),
-        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
-        num_classes=datamodule.num_classes,
-        class_names=datamodule.class_names,
-        ignore_index=datamodule.ignore_index,
-        metadata={
-            "dataset": datamodule.name,
-            "student_config": choices.get("student"),
-            "class_names": datamodule.class_names,
-            "network": builders.network_spec(cfg.student),
-            "teacher": teacher_record,
-        },  # fmt: skip
-        inference=OmegaConf.to_container(cfg.inference, resolve=True) if cfg.get("inference") else None,
-    )
-    for lg in trainer.loggers:
-        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-
-    try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    finally:
-        track_children(trainer)  # ddp_job waits for the ranks this trainer started
-    final = validated_final(trainer, module, datamodule) if cfg.validate_final else dict(module.last_val)
-    best_path, best_miou, last_path = save_final(trainer, final)
-    results = {
+    return {
         "task_name": cfg.task_name,
         "tags": list(cfg.tags),
         "overrides": list(HydraConfig.get().overrides.task),
@@ -123,20 +79,52 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "global_step": int(trainer.global_step),
         "world_size": trainer.world_size,
         "global_batch_size": datamodule.batch_size,
-        "per_process_batch_size": per_process,
+        "per_process_batch_size": datamodule.per_process_batch(trainer.world_size),
         "resumed_from": ckpt_path,
-        "wall_time_s": round(time.time() - start, 2),
+        "wall_time_s": round(wall_time_s, 2),
         "best_checkpoint": best_path,
         "last_checkpoint": last_path,
-        "teacher_checkpoint": teacher_record["checkpoint"] if teacher_record else None,
-        "teacher_sha256": teacher_record["sha256"] if teacher_record else None,
-        "output_dir": str(output_dir),
+        "teacher_checkpoint": teacher["checkpoint"] if teacher else None,
+        "teacher_sha256": teacher["sha256"] if teacher else None,
+        "output_dir": str(cfg.paths.output_dir),
     }
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Train as ``cfg`` says; return (and write) the results dictionary."""
+    start = time.time()
+    output_dir = Path(cfg.paths.output_dir)
+    ckpt_path = resolve_ckpt_path(output_dir, cfg.ckpt_path)  # before anything in the directory changes
+    builders.print_config(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+
+    datamodule = builders.build_datamodule(cfg)
+    objective = builders.build_objective(cfg, datamodule)
+    wandb_job.configure(cfg)
+    trainer = builders.build_trainer(cfg, builders.stage_switch_callback(objective))
+    log.info("batch: %d global = %d process(es) x %d", datamodule.batch_size, trainer.world_size,
+             datamodule.per_process_batch(trainer.world_size))  # fmt: skip
+    student = builders.apply_sync_batchnorm(cfg, trainer, builders.build_student(cfg, datamodule.num_classes))
+    teacher, teacher_record = (None, None)
+    if objective.needs_teacher:
+        teacher, teacher_record = builders.build_teacher(cfg, datamodule, objective, rank=rank_zero_only.rank)
+    module = builders.build_module(cfg, datamodule, objective, student, teacher, teacher_record)
+    for lg in trainer.loggers:
+        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    finally:
+        track_children(trainer)  # ddp_job waits for the ranks this trainer started
+    final = validated_final(trainer, module, datamodule) if cfg.validate_final else dict(module.last_val)
+    saved = save_final(trainer, final)
+    results = results_record(cfg, trainer, datamodule, objective, final, saved, teacher_record, ckpt_path,
+                             time.time() - start)  # fmt: skip
     if trainer.is_global_zero:
         write_json(output_dir / "results.json", results)
         wandb_job.log_results(trainer.loggers, results)
-        log.info("val mIoU: best %.2f, final %.2f -> %s", best_miou or float("nan"),
-                 final.get("miou") or float("nan"), output_dir / "results.json")  # fmt: skip
+        log.info("val mIoU: best %.2f, final %.2f -> %s", results["best_val_miou"] or float("nan"),
+                 results["final_val_miou"] or float("nan"), output_dir / "results.json")  # fmt: skip
     return results
 
 
@@ -156,6 +144,10 @@ def main(cfg: DictConfig) -> float | None:
     torch.set_float32_matmul_precision("high")
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")  # the frozen teacher
     warnings.filterwarnings("ignore", message=r".*your dataloader is not resumable.*")  # it is: see samplers
+    # validation metrics are torchmetrics states summed over processes: every rank logs the same value
+    warnings.filterwarnings(
+        "ignore", message=r".*sync_dist=True.* when logging on epoch level in distributed"
+    )
     results = exit_on_config_error(lambda: run_job(cfg), log)
     return results.get("best_val_miou")  # the value Hydra sweepers optimise
 
