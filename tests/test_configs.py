@@ -95,7 +95,10 @@ def test_every_config_folder_is_a_listed_package(repo_root):
 def test_real_datasets_default_to_the_papers_teacher(tmp_path, dataset):
     cfg = compose_train_cfg(tmp_path, [f"dataset={dataset}"])
     assert cfg.teacher.encoder_name == "resnet101" and cfg.teacher.decoder_channels == 256
-    assert compose_train_cfg(tmp_path, [f"dataset={dataset}", "teacher=resnet50"]).teacher.encoder_name == "resnet50"
+    assert (
+        compose_train_cfg(tmp_path, [f"dataset={dataset}", "teacher=resnet50"]).teacher.encoder_name
+        == "resnet50"
+    )
     assert compose_train_cfg(tmp_path, []).teacher.encoder_name == "resnet34"  # the synthetic demo's
 
 

@@ -35,7 +35,9 @@ def test_global_batches_are_the_same_for_any_number_of_processes(world_size):
 
 def test_epochs_and_seeds_reshuffle():
     first = reference_epoch(16, 4, seed=0, epoch=0)
-    assert reference_epoch(16, 4, seed=0, epoch=1) != first and reference_epoch(16, 4, seed=1, epoch=0) != first
+    assert (
+        reference_epoch(16, 4, seed=0, epoch=1) != first and reference_epoch(16, 4, seed=1, epoch=0) != first
+    )
     assert sorted(i for b in first for i, _ in b) == list(range(16))  # a permutation: every image once
 
 
