@@ -89,11 +89,13 @@ def test_distillation_without_teacher_checkpoint_names_the_fix(tmp_path):
     Image.new("L", (32, 32)).save(camvid / "trainannot" / "a.png")
     Image.new("RGB", (32, 32)).save(camvid / "val" / "b.png")
     Image.new("L", (32, 32)).save(camvid / "valannot" / "b.png")
-    cfg = compose_train_cfg(tmp_path, ["dataset=camvid", f"dataset.root={camvid}", "distillation=kd",
-                                       "teacher=resnet18", "student=resnet18_scratch"])  # fmt: skip
+    cfg = compose_train_cfg(
+        tmp_path, ["dataset=camvid", f"dataset.root={camvid}", "distillation=kd", "student=resnet18_scratch"]
+    )
+    # on a real dataset the default teacher is the paper's ResNet-101, and the suggested command trains it
     with pytest.raises(
         ConfigError,
-        match=r"teacher\.checkpoint=.*python -m rdd_lightning\.train dataset=camvid student=resnet18",
+        match=r"teacher\.checkpoint=.*python -m rdd_lightning\.train dataset=camvid student=resnet101 ",
     ):
         run(cfg)
 
