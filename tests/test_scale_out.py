@@ -4,6 +4,7 @@ per sweep, a run killed with SIGTERM and resumed, resume into a new directory, a
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -107,6 +108,41 @@ def test_submitit_local_sweep_of_ddp_jobs(tmp_path):
     assert [json.loads(p.read_text())["world_size"] for p in results] == [2, 2]
 
 
+def test_submitit_slurm_sweep_runs_srun_tasks_and_survives_preemption(tmp_path):
+    """hydra/launcher=submitit_slurm against a one-machine stand-in for sbatch/srun/scontrol (tests/fake_slurm.py):
+    each job is one sbatch job whose 2 srun tasks Lightning's SLURM environment takes as the DDP ranks (nothing
+    re-spawned); SLURM's warning signal (USR2) to job 0's tasks saves the step, submitit requeues the job, and
+    the requeued job resumes from last.ckpt in the same directory and finishes the sweep."""
+    from tests.fake_slurm import install
+
+    install(tmp_path / "bin")
+    env = cli_env(tmp_path)
+    env.update({"PATH": f"{tmp_path / 'bin'}:{env['PATH']}", "FAKE_SLURM_STATE": str(tmp_path / "slurm")})
+    sweep = tmp_path / "sweep"
+    command = [sys.executable, "-m", "rdd_lightning.train", "-m", *CLI_TINY, *DDP2, "distillation=none",
+               "trainer.max_steps=16", "trainer.val_check_interval=4", "seed=1,2", "hydra/launcher=submitit_slurm",
+               f"hydra.sweep.dir={sweep}"]  # fmt: skip
+    proc = subprocess.Popen(
+        command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    first = sweep / "0" / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 300
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    pids = (tmp_path / "slurm" / "pids" / "1000_0.0").read_text().split()
+    assert len(pids) == 2  # srun started 2 tasks for the job: its 2 DDP ranks
+    for pid in pids:
+        os.kill(int(pid), signal.SIGUSR2)
+    output, _ = proc.communicate(timeout=400)
+    assert proc.returncode == 0, output[-3000:]
+    assert (tmp_path / "slurm" / "requeued.log").read_text().split() == ["1000_0"]
+    results = [json.loads((sweep / str(j) / "results.json").read_text()) for j in (0, 1)]
+    assert [r["seed"] for r in results] == [1, 2] and [r["world_size"] for r in results] == [2, 2]
+    assert [r["global_step"] for r in results] == [16, 16]
+    assert results[0]["resumed_from"] == str(first.resolve()) and results[1]["resumed_from"] is None
+    assert not list(sweep.glob("*/*_rank1.log"))  # Lightning started no ranks itself: srun did
+
+
 def test_seed_sweep_trains_one_auto_teacher(tmp_path):
     sweep = tmp_path / "sweep"
     teacher_recipe = '["trainer.max_steps=2","trainer.val_check_interval=2","trainer.accelerator=cpu","trainer.enable_progress_bar=false","~callbacks.progress_bar"]'
@@ -161,6 +197,40 @@ def test_killed_and_resumed_run_ends_with_the_uninterrupted_weights(tmp_path, tr
     assert max((a[k].double() - b[k].double()).abs().max().item() for k in a) <= 1e-6
     assert resumed["best_val_miou"] == pytest.approx(whole["best_val_miou"], abs=1e-6)
     assert resumed["final_val_miou"] == pytest.approx(whole["final_val_miou"], abs=1e-6)
+
+
+def test_slurm_warning_signal_saves_requeues_and_the_requeued_job_resumes_itself(tmp_path, train_cfg):
+    """A plain sbatch job (no submitit): USR1 before the time limit -> save the step, `scontrol requeue <job>`,
+    exit; the requeued job (SLURM_RESTART_COUNT=1) runs the same command in the same directory and resumes."""
+    teacher = Path(run(train_cfg("distillation=none", "student=resnet18_scratch", "trainer.max_steps=2",
+                                 "trainer.val_check_interval=2"))["best_checkpoint"])  # fmt: skip
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol.log"}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    env = cli_env(tmp_path)
+    env.update({"PATH": f"{bin_dir}:{env['PATH']}", "SLURM_JOB_ID": "4242"})
+    run_dir = tmp_path / "job"
+    command = [sys.executable, "-m", "rdd_lightning.train", *_train_args(run_dir, teacher)]
+    proc = subprocess.Popen(
+        command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    while not (run_dir / "checkpoints" / "last.ckpt").exists() and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGUSR1, output[-3000:]
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
+    step = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)[
+        "global_step"
+    ]
+
+    requeued = subprocess.run(command, cwd=tmp_path, env={**env, "SLURM_RESTART_COUNT": "1"}, capture_output=True,
+                              text=True, timeout=400)  # fmt: skip
+    assert requeued.returncode == 0, requeued.stderr[-3000:]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["resumed_from"] == str((run_dir / "checkpoints" / "last.ckpt").resolve())
+    assert results["global_step"] == 30 and 4 < step < 30
 
 
 def test_new_run_in_a_finished_run_directory_is_refused_before_anything_changes(tmp_path):
