@@ -84,6 +84,20 @@ def test_ddp_run_writes_one_result_and_counts_each_validation_image_once(tmp_pat
     assert results["final_val_miou"] == pytest.approx(evals["one"]["mIoU"], abs=1e-6)
 
 
+def test_torchrun_started_ranks_share_one_run_directory(tmp_path):
+    """torchrun starts both ranks (Lightning re-spawns nothing); each composes its own config, and the run
+    directory's time stamp (the torchrun agent's start) is the same in both."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "rdd_lightning.train",
+                           *CLI_TINY, *DDP2, "distillation=none", "trainer.max_steps=2", "trainer.val_check_interval=2"],
+                          cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True, timeout=400)  # fmt: skip
+    ok(proc)
+    runs = list((tmp_path / "logs" / "train" / "runs").iterdir())
+    assert len(runs) == 1 and [p.parent for p in tmp_path.rglob("results.json")] == runs
+    assert json.loads((runs[0] / "results.json").read_text())["world_size"] == 2
+    assert not (runs[0] / "train_rank1.log").exists()  # rank 1 was torchrun's, not a Lightning re-spawn
+
+
 def test_multirun_of_ddp_jobs_gives_one_run_and_one_wandb_run_per_job(tmp_path):
     sweep = tmp_path / "sweep"
     proc = ok(cli(tmp_path, "train", "-m", *CLI_TINY, *DDP2, "distillation=none", "trainer.max_steps=2",
