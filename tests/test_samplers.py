@@ -57,3 +57,20 @@ def test_shards_cover_every_image_exactly_once(n, world_size):
     shards = [list(ShardSampler(n, rank, world_size)) for rank in range(world_size)]
     assert sorted(sum(shards, [])) == list(range(n))
     assert [len(ShardSampler(n, r, world_size)) for r in range(world_size)] == [len(s) for s in shards]
+
+
+def test_loader_workers_are_capped_at_the_cpus_per_process(tmp_path, monkeypatch):
+    from hydra.utils import instantiate
+
+    from tests.conftest import compose_train_cfg
+
+    cfg = compose_train_cfg(tmp_path, ["dataset=camvid", "dataset.num_workers=4"])
+    datamodule = instantiate(cfg.dataset, _convert_="all")
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert datamodule._workers() == 2  # 2 CPUs, one process: not the configured 4
+
+    class Trainer:  # 2 processes of a DDP run on this machine share the 2 CPUs
+        global_rank, world_size, num_nodes = 0, 2, 1
+
+    datamodule.trainer = Trainer()
+    assert datamodule._workers() == 1
