@@ -19,6 +19,7 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -242,8 +243,6 @@ class PreemptionCheckpoint(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # after Lightning registered its own handlers (which would stop only at the end of the epoch)
-        import threading
-
         if threading.current_thread() is not threading.main_thread():
             return
         handler = self._handler(trainer)
