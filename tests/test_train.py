@@ -177,3 +177,14 @@ def test_tfe_needs_a_teacher_aux_head(train_cfg):
     cfg = train_cfg("distillation=rdd", *TEACHER_FAST, f"teacher.checkpoint={ckpt}", "teacher.aux_head=false")
     with pytest.raises(ConfigError, match="TFE-RDD, which needs a teacher with an auxiliary head"):
         run(cfg)
+
+
+def test_progress_bar_off_needs_no_callback_removal(tmp_path):
+    """trainer.enable_progress_bar=false alone works (the default progress-bar callback is dropped)."""
+    from tests.conftest import TINY
+
+    overrides = [o for o in TINY if o != "~callbacks.progress_bar"]
+    cfg = compose_train_cfg(
+        tmp_path, [*overrides, "distillation=none", "trainer.max_steps=1", "trainer.val_check_interval=1"]
+    )
+    assert run(cfg)["global_step"] == 1

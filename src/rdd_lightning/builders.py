@@ -16,7 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.accelerators import CUDAAccelerator
-from lightning.pytorch.callbacks import DeviceStatsMonitor, LearningRateMonitor
+from lightning.pytorch.callbacks import DeviceStatsMonitor, LearningRateMonitor, ProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
@@ -103,6 +103,8 @@ def build_trainer(
         if dropped:
             log.info("no logger: callbacks %s are dropped", dropped)
         callbacks = [c for c in callbacks if not isinstance(c, LOGGER_CALLBACKS)]
+    if trainer_cfg.get("enable_progress_bar") is False:  # instead of Lightning's error about the callback
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     callbacks.append(StepSeed(int(cfg.get("seed", 0))))
     try:
         return instantiate(
@@ -115,6 +117,8 @@ def build_trainer(
         if cause is None or find_config_error(err) is not None:
             raise
         first = str(cause).strip().splitlines()[0]
+        if not any(word in first.lower() for word in ("accelerator", "device", "gpu", "cuda")):
+            raise ConfigError(f"trainer: {first}") from err
         raise ConfigError(
             f"trainer.accelerator={trainer_cfg.get('accelerator')!r} trainer.devices={trainer_cfg.get('devices')!r}"
             f" trainer.num_nodes={trainer_cfg.get('num_nodes', 1)}: {first} Ask for the devices this machine "
