@@ -11,7 +11,9 @@ install: $(STAMP)  ## .venv with the package (editable) and its test extras; a n
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	@# setuptools' notice that an editable install of a mapped package (conf/ -> rdd_lightning.conf) uses an
+	@# import hook is informational; it is silenced so that a fresh install prints nothing but errors
+	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install --quiet -e '.[test]'
 	@touch $(STAMP)
 
 demo: install  ## distil a student from an (auto-trained, cached) teacher on the synthetic dataset
