@@ -12,7 +12,8 @@ command. State lives in ``$FAKE_SLURM_STATE``:
   ``SLURM_PROCID``/``SLURM_LOCALID``/``SLURM_STEP_ID`` (``%j %A %a %t`` expanded in the file names), writes
   their pids to the state folder (so a test can signal the tasks) and exits with the worst status.
 * ``scontrol requeue <job id>`` starts that job's script again with ``SLURM_RESTART_COUNT`` + 1.
-* ``sacct`` prints nothing (submitit then relies on its result files).
+* ``sacct`` lists the jobs whose tasks have ended, COMPLETED or FAILED by srun's exit status (a failed job
+  then fails the sweep instead of being waited for).
 """
 
 from __future__ import annotations
@@ -91,8 +92,8 @@ def srun(args: list[str]) -> int:
     procs = []
     for task in range(int(env.get("SLURM_NTASKS", 1))):
         task_env = {**env, "SLURM_PROCID": str(task), "SLURM_LOCALID": str(task), "SLURM_STEP_ID": "0"}
-        out = open(_expand(output, env, task), "a") if output else None
-        err = open(_expand(error, env, task), "a") if error else subprocess.STDOUT
+        out = _open_log(_expand(output, env, task)) if output else None
+        err = _open_log(_expand(error, env, task)) if error else subprocess.STDOUT
         procs.append(subprocess.Popen(args, env=task_env, stdout=out, stderr=err))
     job_key = env.get("SLURM_ARRAY_JOB_ID", env["SLURM_JOB_ID"])
     if "SLURM_ARRAY_TASK_ID" in env:
@@ -100,8 +101,27 @@ def srun(args: list[str]) -> int:
     (STATE / "pids" / f"{job_key}.{env.get('SLURM_RESTART_COUNT', '0')}").write_text(
         " ".join(str(p.pid) for p in procs)
     )
-    codes = [p.wait() for p in procs]
-    return max(codes, key=abs)
+    code = max((p.wait() for p in procs), key=abs)
+    record = json.loads((STATE / "jobs" / f"{job_key}.json").read_text())
+    if record["restarts"] == int(
+        env.get("SLURM_RESTART_COUNT", "0")
+    ):  # a requeued attempt's end is not the job's
+        (STATE / "exit").mkdir(exist_ok=True)
+        (STATE / "exit" / job_key).write_text(str(code))
+    return code
+
+
+def _open_log(path: str):
+    Path(path).parent.mkdir(parents=True, exist_ok=True)  # slurmstepd creates the file wherever it is
+    return open(path, "a")
+
+
+def sacct(args: list[str]) -> int:
+    """``JobID|State|NodeList`` of every job whose tasks ended (running ones are not listed)."""
+    print("JobID|State|NodeList")
+    for path in sorted((STATE / "exit").glob("*")) if (STATE / "exit").exists() else []:
+        print(f"{path.name}|{'COMPLETED' if path.read_text() == '0' else 'FAILED'}|localhost")
+    return 0
 
 
 def scontrol(args: list[str]) -> int:
@@ -112,6 +132,7 @@ def scontrol(args: list[str]) -> int:
     record = json.loads(path.read_text())
     record["restarts"] += 1
     path.write_text(json.dumps(record))
+    (STATE / "exit" / key).unlink(missing_ok=True)  # pending again
     (STATE / "requeued.log").open("a").write(f"{key}\n")
     _start(key)
     return 0
@@ -128,5 +149,5 @@ def install(bin_dir: Path) -> None:
 
 if __name__ == "__main__":
     command = Path(sys.argv[0]).name
-    handlers = {"sbatch": sbatch, "srun": srun, "scontrol": scontrol, "sacct": lambda args: 0}
+    handlers = {"sbatch": sbatch, "srun": srun, "scontrol": scontrol, "sacct": sacct}
     sys.exit(handlers[command](sys.argv[1:]))

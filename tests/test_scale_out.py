@@ -140,14 +140,19 @@ def test_submitit_slurm_sweep_runs_srun_tasks_and_survives_preemption(tmp_path):
         command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     first = sweep / "0" / "checkpoints" / "last.ckpt"
-    deadline = time.time() + 300
-    while not first.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    pids = (tmp_path / "slurm" / "pids" / "1000_0.0").read_text().split()
-    assert len(pids) == 2  # srun started 2 tasks for the job: its 2 DDP ranks
-    for pid in pids:
-        os.kill(int(pid), signal.SIGUSR2)
-    output, _ = proc.communicate(timeout=400)
+    try:
+        deadline = time.time() + 300
+        while not first.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert first.exists(), [p.read_text()[-2000:] for p in (tmp_path / "slurm" / "logs").glob("*")]
+        pids = (tmp_path / "slurm" / "pids" / "1000_0.0").read_text().split()
+        assert len(pids) == 2  # srun started 2 tasks for the job: its 2 DDP ranks
+        for pid in pids:
+            os.kill(int(pid), signal.SIGUSR2)
+        output, _ = proc.communicate(timeout=400)
+    finally:
+        if proc.poll() is None:  # never leave a sweep waiting on a job behind
+            proc.kill()
     assert proc.returncode == 0, output[-3000:]
     assert (tmp_path / "slurm" / "requeued.log").read_text().split() == ["1000_0"]
     results = [json.loads((sweep / str(j) / "results.json").read_text()) for j in (0, 1)]
