@@ -321,3 +321,22 @@ def test_logger_none_trains(train_cfg):
         train_cfg("distillation=none", "logger=none", "trainer.max_steps=1", "trainer.val_check_interval=1")
     )
     assert results["global_step"] == 1 and not (Path(results["output_dir"]) / "csv").exists()
+
+
+def test_finished_run_extended_from_its_last_checkpoint_matches_the_longer_run(train_cfg):
+    """A run stopped by max_steps mid-epoch and continued with a larger max_steps sees the batches an
+    uninterrupted longer run sees (Lightning counts the stopped epoch as complete; the data order must not)."""
+    common = [
+        "distillation=none",
+        "scheduler=null",
+        "trainer.deterministic=true",
+        "trainer.val_check_interval=3",
+    ]
+    longer = run(train_cfg(*common, "trainer.max_steps=9"))  # 8 images, batch 2: 4 steps an epoch
+    short = run(train_cfg(*common, "trainer.max_steps=6"))
+    extended = run(train_cfg(*common, "trainer.max_steps=9", f"ckpt_path={short['last_checkpoint']}"))
+    a, b = (
+        student_weights(Path(longer["last_checkpoint"])),
+        student_weights(Path(extended["last_checkpoint"])),
+    )
+    assert max((a[k].double() - b[k].double()).abs().max().item() for k in a) <= 1e-6

@@ -172,14 +172,19 @@ class SegmentationDataModule(L.LightningDataModule):
         return min(self.num_workers, cap)
 
     def _train_position(self) -> tuple[int, int]:
-        """``(epoch, batches of it already trained)`` from the trainer's progress (restored on resume)."""
+        """``(data epoch, batches of it already trained)``, a function of the optimizer step alone.
+
+        Lightning's epoch counter is not used: a run stopped by ``max_steps`` mid-epoch is saved with the
+        epoch counted as complete, so a resume from it (with a larger ``max_steps``) would skip the rest of
+        that epoch's batches. Counting from the global step continues where an uninterrupted run would; the
+        sampler then ends Lightning's epoch early, and the next one starts aligned again.
+        """
         trainer = self.trainer
         batches = len(self.dataset("train")) // self.batch_size
-        steps_per_epoch = math.ceil(batches / trainer.accumulate_grad_batches)
-        done = (
-            trainer.global_step - trainer.current_epoch * steps_per_epoch
-        ) * trainer.accumulate_grad_batches
-        return trainer.current_epoch, min(max(0, done), batches)
+        accumulate = trainer.accumulate_grad_batches
+        steps_per_epoch = math.ceil(batches / accumulate)  # Lightning steps on an epoch's last batch too
+        epoch, step_in_epoch = divmod(trainer.global_step, steps_per_epoch)
+        return epoch, min(step_in_epoch * accumulate, batches)
 
     def _loader(self, dataset: SegmentationDataset, **kwargs: Any) -> DataLoader:
         workers = self._workers()
