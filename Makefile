@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint format bench bench-data clean
+.PHONY: install demo test test-fast lint format bench bench-data bench-kd clean
 
 install: $(STAMP)  ## .venv with the package (editable) and its test extras; a no-op when nothing changed
 
@@ -39,6 +39,9 @@ bench: install  ## RDD loss cost at Cityscapes per-GPU scale
 
 bench-data: install  ## training-loader throughput per dataset at its crop size
 	$(PY) benchmarks/data_loading.py
+
+bench-kd: install  ## per-step time and peak memory of every distillation config, relative to kd (CPU, small)
+	$(PY) benchmarks/kd_step.py
 
 clean:  ## remove caches and build files (keeps logs/ and .cache/: runs and cached teachers are yours)
 	rm -rf build dist src/*.egg-info .pytest_cache .ruff_cache .hypothesis

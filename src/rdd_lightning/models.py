@@ -30,11 +30,15 @@ class SegOutput:
             ``None`` for a network without an auxiliary head.
         features: the encoder's feature pyramid ``[x, 1/2, 1/4, 1/8, stage4, stage5]`` (smp order), for
             feature-based distillation methods.
+        decoder_features: ``[B, Cd, h, w]`` the decoder's output, the map the classifier (segmentation head)
+            turns into ``logits`` (at the logits' resolution for DeepLabV3 with ``upsampling=1``); the feature
+            the published segmentation-KD recipes distil. ``None`` for a network that does not expose it.
     """
 
     logits: Tensor
     aux_logits: Tensor | None
     features: list[Tensor]
+    decoder_features: Tensor | None = None
 
 
 class FCNHead(nn.Sequential):
@@ -112,9 +116,17 @@ class SegmentationNet(nn.Module):
         """``x``: ``[B, 3, H, W]`` normalised images, H and W multiples of :attr:`output_stride`."""
         self.net.check_input_shape(x)
         features = self.net.encoder(x)
-        logits = self.net.segmentation_head(self.net.decoder(features))
+        decoded = self.net.decoder(features)
+        logits = self.net.segmentation_head(decoded)
         aux = self.aux_head(features[-2]) if self.aux_head is not None else None
-        return SegOutput(logits=logits, aux_logits=aux, features=features)
+        return SegOutput(logits=logits, aux_logits=aux, features=features, decoder_features=decoded)
+
+    def feature_channels(self) -> dict[str, int]:
+        """Channels of the maps feature-based distillation reads: ``decoder`` (:attr:`SegOutput.decoder_features`,
+        the input of the segmentation head's first convolution) and ``encoder`` (the last encoder stage,
+        ``SegOutput.features[-1]``)."""
+        head_conv = next(m for m in self.net.segmentation_head.modules() if isinstance(m, nn.Conv2d))
+        return {"decoder": int(head_conv.in_channels), "encoder": int(self.net.encoder.out_channels[-1])}
 
     def describe(self) -> dict[str, Any]:
         """Identity of the architecture, stored in checkpoints and checked when a teacher is loaded."""

@@ -7,7 +7,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
@@ -46,7 +46,11 @@ class DistillationModule(L.LightningModule):
             ``requires_grad=False``, forwarded under ``no_grad``, left out of the optimizer, and left out of
             checkpoints (it is rebuilt from ``teacher.checkpoint`` when a run resumes).
         objective: the loss of a step (built from the ``distillation`` config); ``None`` for a module that
-            only evaluates (``rdd_lightning.evaluate``).
+            only evaluates (``rdd_lightning.evaluate``). The modules of its terms that learn or remember
+            (connectors, the CIRKD memory, the SKD discriminator) are built here from both networks
+            (:meth:`DistillationObjective.build_modules`) and kept as :attr:`distill_modules`: saved in
+            checkpoints and trained with the run, but not part of the student (``student.*`` keys, what
+            ``evaluate`` and a teacher load, stay the network alone).
         optimizer: ``params -> Optimizer`` (a Hydra ``_partial_``); ``None`` when only evaluating.
         scheduler: ``(optimizer, total_iters) -> LRScheduler``, stepped every iteration, or ``None``.
         num_classes, class_names, ignore_index: label space of the dataset.
@@ -54,6 +58,17 @@ class DistillationModule(L.LightningModule):
             checked when it is loaded as a teacher.
         inference: how validation/test images are predicted (the ``inference`` config key, see
             :class:`rdd_lightning.inference.InferenceConfig`); ``None`` = whole image, one scale, no flip.
+
+    Optimization: automatic (one optimizer: the student and its connectors) unless the objective has a
+    discriminator. Then a second optimizer trains the discriminator, which Lightning supports only under
+    manual optimization: :meth:`setup` switches to it for fitting and :meth:`adversarial_step` does what
+    Lightning would do (one backward, gradient accumulation over ``trainer.accumulate_grad_batches``, gradient
+    clipping, the per-iteration LR schedule; under 16-bit AMP the loss scaler unscales each optimizer's
+    gradients and skips a step with non-finite ones). ``trainer.global_step`` still counts student steps.
+    Under DDP that one backward reduces the student's and the discriminator's gradients together (every
+    accumulated micro-batch is reduced: manual optimization has no ``no_sync``). The CIRKD queues are
+    per-process buffers that DDP neither broadcasts nor syncs (every process enqueues the gathered global
+    batch itself).
     """
 
     def __init__(
@@ -82,6 +97,12 @@ class DistillationModule(L.LightningModule):
         if teacher is not None:
             teacher.eval().requires_grad_(False)
         self.objective = objective
+        self.distill_modules = (
+            objective.build_modules(student, teacher) if objective is not None else nn.ModuleDict()
+        )
+        local_buffers = objective.process_local_buffers(self.distill_modules) if objective is not None else []
+        if local_buffers:  # read by DistributedDataParallel, which Lightning wraps around this module
+            self._ddp_params_and_buffers_to_ignore = [f"distill_modules.{name}" for name in local_buffers]
         self.class_names = list(class_names)
         self.ignore_index = ignore_index
         self.metadata = dict(metadata or {})
@@ -104,13 +125,58 @@ class DistillationModule(L.LightningModule):
             return self.teacher(images)
 
     # ---------------------------------------------------------------------------------------- steps
+    def setup(self, stage: str) -> None:
+        """Fitting with a discriminator: switch to manual optimization (see the class docstring). Done here,
+        after Lightning's configuration checks, which refuse ``accumulate_grad_batches`` and
+        ``gradient_clip_val`` under manual optimization; :meth:`adversarial_step` applies both itself."""
+        if stage == "fit" and self.objective is not None and self.objective.has_discriminator:
+            self.automatic_optimization = False
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         images, target = batch["image"], batch["mask"]
         out = self.student(images)
-        losses = self.objective(out, self.teacher_forward(images), target)
+        teacher_out = self.teacher_forward(images)
+        losses = self.objective(out, teacher_out, target, self.distill_modules)
+        if not self.automatic_optimization:
+            losses["loss_discriminator"] = self.adversarial_step(out, teacher_out, losses["loss"], batch_idx)
         self.log("train/loss", losses["loss"], prog_bar=True, batch_size=images.shape[0])
         self.log_dict({f"train/{k}": v for k, v in losses.items() if k != "loss"}, batch_size=images.shape[0])
-        return losses["loss"]
+        return losses["loss"]  # under manual optimization Lightning only detaches and records it
+
+    def adversarial_step(self, out, teacher_out, loss: Tensor, batch_idx: int) -> Tensor:
+        """Manual optimization of a step with a discriminator; returns the discriminator's loss (detached).
+
+        One backward of ``loss + λ_d · L_D``: the student's loss gives no gradient to the discriminator (it is
+        frozen while it scores the student) and ``L_D`` none to the student (it sees detached score maps), so
+        each optimizer gets exactly its own gradient, and under DDP one backward reduces both. Every
+        ``trainer.accumulate_grad_batches`` batches (and at the end of an epoch) the discriminator's optimizer
+        steps, then the student's (whose step is the one counted in ``global_step``), then the LR scheduler.
+        """
+        student_optimizer, discriminator_optimizer = self.optimizers()
+        loss_d = self.objective.discriminator_loss(out, teacher_out, self.distill_modules)
+        accumulate = max(1, int(self.trainer.accumulate_grad_batches))
+        self.manual_backward((loss + self.objective.discriminator_weight * loss_d) / accumulate)
+        if (batch_idx + 1) % accumulate == 0 or batch_idx + 1 == self.trainer.num_training_batches:
+            # the raw optimizer: a LightningOptimizer step would count as a training step (global_step)
+            raw = discriminator_optimizer.optimizer
+            scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+            if scaler is not None:
+                scaler.step(raw)  # unscale, skip on inf/NaN; scaler.update() follows the student's step
+            else:
+                raw.step()
+            student_optimizer.step()
+            student_optimizer.zero_grad()
+            raw.zero_grad()
+            scheduler = self.lr_schedulers()
+            if scheduler is not None:
+                scheduler.step()
+        return loss_d.detach()
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Under manual optimization Lightning does not clip: clip the student's (unscaled) gradients here."""
+        clip = self.trainer.gradient_clip_val
+        if not self.automatic_optimization and clip:
+            self.clip_gradients(optimizer, clip, self.trainer.gradient_clip_algorithm)
 
     def predict_logits(self, images: Tensor) -> Tensor:
         """Logits ``[B, C, H, W]`` of ``images [B, 3, H, W]`` by the student, at the input size, as
@@ -158,17 +224,26 @@ class DistillationModule(L.LightningModule):
         }
 
     # ---------------------------------------------------------------------------------------- optim
-    def configure_optimizers(self) -> dict[str, Any]:
+    def configure_optimizers(self) -> dict[str, Any] | tuple[list[Any], list[Any]]:
+        """The student's optimizer over the student and the modules that train with it (connectors, CIRKD
+        projection head), with the per-iteration LR schedule; with a discriminator, its own optimizer second
+        (the student's never holds the discriminator's parameters)."""
         params = [p for p in self.student.parameters() if p.requires_grad]
+        params += list(self.objective.student_side_parameters(self.distill_modules))
         optimizer = self.optimizer_factory(params=params)
-        if self.scheduler_factory is None:
+        scheduler = None
+        if self.scheduler_factory is not None:
+            total = self.trainer.estimated_stepping_batches
+            if not total or total == float("inf"):
+                raise ValueError(
+                    "a per-iteration LR schedule needs trainer.max_steps or trainer.max_epochs to be set"
+                )
+            scheduler = self.scheduler_factory(optimizer=optimizer, total_iters=int(total))
+        if self.objective.has_discriminator:  # manual optimization: stepped in adversarial_step
+            discriminator = self.objective.discriminator_optimizer(self.distill_modules)
+            return [optimizer, discriminator], [scheduler] if scheduler is not None else []
+        if scheduler is None:
             return {"optimizer": optimizer}
-        total = self.trainer.estimated_stepping_batches
-        if not total or total == float("inf"):
-            raise ValueError(
-                "a per-iteration LR schedule needs trainer.max_steps or trainer.max_epochs to be set"
-            )
-        scheduler = self.scheduler_factory(optimizer=optimizer, total_iters=int(total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ---------------------------------------------------------------------------------------- checkpoints

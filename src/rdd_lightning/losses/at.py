@@ -16,8 +16,9 @@ Default recipe of this research line: ``KD 1 + AT 1e4`` on the feature map befor
 
 Deliberate differences from the published code: a student map at another resolution is resized bilinearly
 (``align_corners=True``) to the teacher's *after* the channel mean (the attention map, not the feature, is
-resized; the published code assumes equal sizes). This package's networks expose the encoder pyramid, not the
-decoder output the published recipe distils; which map is used is the objective's choice.
+resized; the published code assumes equal sizes). The objective distils the decoder output before the
+classifier, as the published recipe (``SegOutput.decoder_features``; ``distillation.feature=encoder``: the
+encoder's last stage).
 """
 
 from __future__ import annotations

@@ -24,8 +24,9 @@ Deliberate differences from the published code:
 - A student map at another resolution is resized bilinearly (``align_corners=True``) to the teacher's; the
   published code assumes equal sizes.
 - ``log_softmax`` instead of ``log(softmax)`` (same value, no ``-inf`` where a probability underflows).
-- This package's networks expose the encoder pyramid, not the decoder output the published recipe distils;
-  which map is used is the objective's choice.
+
+As in the published recipe, the objective distils the decoder output before the classifier
+(``SegOutput.decoder_features``; ``distillation.feature=encoder``: the encoder's last stage).
 """
 
 from __future__ import annotations

@@ -24,8 +24,8 @@ paper's integration table reports DSD 74.42 -> DSD+RDD 75.72.
 Deliberate differences from the published code: all attention maps are resized bilinearly
 (``align_corners=True``) to the teacher's first layer's resolution before normalisation, so layers (and
 networks) of different resolutions can be combined (the published code needs equal sizes); the student's
-logits are likewise resized to the teacher's before CSD. Which layers form the PSD list is the objective's
-choice (this package's networks expose logits, aux logits and the encoder pyramid, not the decoder feature).
+logits are likewise resized to the teacher's before CSD. The objective forms the PSD list as the published
+code, ``[aux logits, decoder feature, logits]`` (without the aux logits when a network has no aux head).
 """
 
 from __future__ import annotations

@@ -20,9 +20,9 @@ on the feature map before the classifier; the adversarial term is
 Deliberate differences from the published code: each network's variation map is computed at its own feature
 resolution (labels sampled to each), and the student's map is then resized bilinearly (``align_corners=True``)
 to the teacher's if the two differ (the published code assumes equal sizes); prototypes are formed with one
-batched one-hot product instead of a loop over the classes (same values). This package's networks expose the
-encoder pyramid, not the decoder output the published recipe distils; which map is used is the objective's
-choice.
+batched one-hot product instead of a loop over the classes (same values). The objective distils the decoder
+output before the classifier, as the published recipe (``SegOutput.decoder_features``;
+``distillation.feature=encoder``: the encoder's last stage).
 """
 
 from __future__ import annotations
