@@ -80,3 +80,19 @@ def cli_env(tmp_path: Path) -> dict[str, str]:
     env.update({"WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "RDD_ROOT": str(tmp_path),
                 "RDD_CACHE_DIR": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"})  # fmt: skip
     return env
+
+
+def train_once(tmp_path_factory, name: str, overrides: list[str]) -> dict:
+    """``rdd_lightning.train.run`` of a tiny config (TINY + ``overrides``) in a folder of its own, for
+    module-scoped fixtures (a teacher trained once for a whole test module): the environment conftest's
+    autouse fixture sets for each test is set here too."""
+    from rdd_lightning.train import run
+
+    base = tmp_path_factory.mktemp(name)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("WANDB_MODE", "offline")
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setenv("RDD_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
+        results = run(compose_train_cfg(base, [*TINY, *overrides], run_dir=base / "run"))
+    GlobalHydra.instance().clear()
+    return results

@@ -19,8 +19,7 @@ from PIL import Image
 
 from rdd_lightning.errors import ConfigError
 from rdd_lightning.evaluate import class_palette, generated_palette, iou_table, run
-from rdd_lightning.train import run as train
-from tests.conftest import TINY, cli_env, compose_train_cfg
+from tests.conftest import TINY, cli_env, compose_train_cfg, train_once
 
 # the dataset and trainer settings of the tiny training runs (evaluate.yaml has no logger/callbacks groups)
 EVAL_TINY = [o for o in TINY if o.startswith(("dataset.", "trainer."))]
@@ -30,15 +29,8 @@ EVAL_TINY = [o for o in TINY if o.startswith(("dataset.", "trainer."))]
 def trained(tmp_path_factory):
     """A tiny supervised run, as a teacher is trained (2 steps; decoder_channels=32, which no student config
     of the package has, so only the checkpoint's own record rebuilds its network)."""
-    base = tmp_path_factory.mktemp("trained")
-    with pytest.MonkeyPatch.context() as mp:  # as conftest's autouse fixture, for this module-scoped one
-        mp.setenv("WANDB_MODE", "offline")
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        mp.setenv("RDD_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
-        results = train(compose_train_cfg(base, [*TINY, "distillation=none", "student.decoder_channels=32",
-                                                 "trainer.max_steps=2", "trainer.val_check_interval=2",
-                                                 "task_name=teacher"], run_dir=base / "teacher"))  # fmt: skip
-    GlobalHydra.instance().clear()
+    results = train_once(tmp_path_factory, "trained", ["distillation=none", "student.decoder_channels=32",
+                         "trainer.max_steps=2", "trainer.val_check_interval=2", "task_name=teacher"])  # fmt: skip
     return results
 
 

@@ -18,7 +18,6 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from hydra.core.global_hydra import GlobalHydra
 from lightning.pytorch.plugins.precision import MixedPrecision
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset
@@ -30,7 +29,7 @@ from rdd_lightning.models import build_model
 from rdd_lightning.module import DistillationModule
 from rdd_lightning.resume import Preempted
 from rdd_lightning.train import run
-from tests.conftest import TINY, cli_env, compose_train_cfg
+from tests.conftest import TINY, cli_env, compose_train_cfg, train_once
 from tests.test_data import write_camvid
 
 CONFIGS = sorted(p.name[: -len(".yaml")] for p in files("rdd_lightning.conf").joinpath("distillation").iterdir()
@@ -410,15 +409,8 @@ def test_bf16_autocast_trains_a_discriminator_config(tmp_path):
 @pytest.fixture(scope="module")
 def teacher_ckpt(tmp_path_factory) -> Path:
     """A tiny supervised run (resnet18, 2 steps) used as the teacher of every run of this module."""
-    base = tmp_path_factory.mktemp("teacher")
-    with pytest.MonkeyPatch.context() as mp:  # as conftest's autouse fixture, for this module-scoped one
-        mp.setenv("WANDB_MODE", "offline")
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        mp.setenv("RDD_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
-        results = run(compose_train_cfg(base, [*TINY, "distillation=none", "student=resnet18_scratch",
-                                               "trainer.max_steps=2", "trainer.val_check_interval=2",
-                                               "task_name=teacher"], run_dir=base / "run"))  # fmt: skip
-    GlobalHydra.instance().clear()
+    results = train_once(tmp_path_factory, "teacher", ["distillation=none", "student=resnet18_scratch",
+                         "trainer.max_steps=2", "trainer.val_check_interval=2", "task_name=teacher"])  # fmt: skip
     return Path(results["best_checkpoint"])
 
 
