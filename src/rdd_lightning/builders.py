@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from rdd_lightning.data import SegmentationDataModule
 from rdd_lightning.distillation import DistillationObjective
-from rdd_lightning.errors import ConfigError, find_config_error
+from rdd_lightning.errors import ConfigError, find_cause, find_config_error
 from rdd_lightning.models import SegmentationNet
 from rdd_lightning.module import DistillationModule
 from rdd_lightning.resume import AtomicCheckpointIO, StepSeed
@@ -111,9 +111,7 @@ def build_trainer(
             trainer_cfg, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
         )
     except Exception as err:  # Lightning's device checks, wrapped by Hydra
-        cause = err
-        while cause is not None and not isinstance(cause, MisconfigurationException):
-            cause = cause.__cause__ or cause.__context__
+        cause = find_cause(err, MisconfigurationException)
         if cause is None or find_config_error(err) is not None:
             raise
         first = str(cause).strip().splitlines()[0]

@@ -8,19 +8,26 @@ from collections.abc import Callable
 from typing import TypeVar
 
 T = TypeVar("T")
+E = TypeVar("E", bound=BaseException)
 
 
 class ConfigError(ValueError):
     """A config value, file or dataset that cannot be used. The message names the key, the value and the fix."""
 
 
-def find_config_error(err: BaseException | None) -> ConfigError | None:
-    """The :class:`ConfigError` behind ``err`` (Hydra wraps errors raised while instantiating), if any."""
+def find_cause(err: BaseException | None, kind: type[E]) -> E | None:
+    """The first exception of type ``kind`` in ``err``'s chain of causes (Hydra wraps errors raised while
+    instantiating), if any."""
     while err is not None:
-        if isinstance(err, ConfigError):
+        if isinstance(err, kind):
             return err
         err = err.__cause__ or err.__context__
     return None
+
+
+def find_config_error(err: BaseException | None) -> ConfigError | None:
+    """The :class:`ConfigError` behind ``err``, if any."""
+    return find_cause(err, ConfigError)
 
 
 def exit_on_config_error(fn: Callable[[], T], log: logging.Logger) -> T:

@@ -153,7 +153,7 @@ class SegmentationDataModule(L.LightningDataModule):
 
     def _world(self) -> tuple[int, int, int]:
         """``(global rank, world size, processes on this machine)`` of the attached trainer, or one process."""
-        trainer = getattr(self, "trainer", None)
+        trainer = self.trainer
         if trainer is None:
             return 0, 1, 1
         return (
@@ -205,7 +205,7 @@ class SegmentationDataModule(L.LightningDataModule):
             rank=rank,
             world_size=world_size,
             seed=self.seed,
-            position=self._train_position if getattr(self, "trainer", None) is not None else None,
+            position=self._train_position if self.trainer is not None else None,
         )
         if len(sampler) == 0:
             raise ConfigError(
