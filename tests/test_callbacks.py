@@ -147,3 +147,63 @@ def test_tse_stats_are_logged(tmp_path):
         assert key in trainer.callback_metrics, key
     _ = fit(module := rdd_module(), tmp_path, RDDStageSwitch(step=5), max_steps=1)
     assert module.trainer.callback_metrics["train/tfe_weight_mean"] <= 1.0
+
+
+class _Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _drive(monitor, events, accumulate: int = 1):
+    """Feed ``monitor`` ``(time, global_step)`` batch starts and ``("val", time, global_step)`` validations."""
+    clock = _Clock()
+    trainer = type("T", (), {"accumulate_grad_batches": accumulate, "global_step": 0})()
+    import rdd_lightning.callbacks as callbacks
+
+    original = callbacks.time.perf_counter
+    callbacks.time.perf_counter = clock
+    try:
+        for event in events:
+            if event[0] == "val":
+                _, clock.now, trainer.global_step = event
+                monitor.on_validation_start(trainer, None)
+                continue
+            clock.now, trainer.global_step = event
+            monitor.on_train_batch_start(trainer, None, None, 0)
+    finally:
+        callbacks.time.perf_counter = original
+    return monitor
+
+
+def test_compute_monitor_counts_training_intervals_only():
+    from rdd_lightning.callbacks import ComputeMonitor
+
+    # steps 0->1 (1 s), 1->2 (2 s), 2->3 ends at the validation (1 s), the next batch at 10 s restarts the
+    # clock, 3->4 (0.5 s): 4.5 s, 4 steps of 4 images
+    events = [(0, 0), (1, 1), (3, 2), ("val", 4, 3), (10, 3), (10.5, 4)]
+    monitor = _drive(ComputeMonitor(global_batch_size=4), events)
+    assert monitor.train_time_s == pytest.approx(4.5)
+    assert monitor.train_images == 16
+    assert monitor.images_per_s == pytest.approx(16 / 4.5)
+
+
+def test_compute_monitor_counts_whole_accumulated_steps():
+    from rdd_lightning.callbacks import ComputeMonitor
+
+    # accumulate 2: a step every 2 batches; 2 steps of 2 x 4 images in 2 s (the micro-batch in between counts)
+    monitor = _drive(ComputeMonitor(4), [(0, 0), (0.5, 0), (1, 1), (1.5, 1), (2, 2)], accumulate=2)
+    assert monitor.train_time_s == pytest.approx(2.0)
+    assert monitor.train_images == 16
+
+
+def test_compute_monitor_totals_survive_a_resume():
+    from rdd_lightning.callbacks import ComputeMonitor
+
+    first = _drive(ComputeMonitor(2), [(0, 0), (2, 1)])
+    resumed = ComputeMonitor(2)
+    resumed.load_state_dict(first.state_dict())
+    _drive(resumed, [(100, 1), (101, 2)])  # the first interval after the restart starts the clock only
+    assert resumed.train_time_s == pytest.approx(3.0) and resumed.train_images == 4

@@ -130,3 +130,36 @@ def test_predict_logits_pads_to_the_stride():
     images = torch.randn(1, 3, 30, 45)
     logits = module.predict_logits(images)
     assert logits.shape == (1, NUM_CLASSES, 30, 45)
+
+
+def _hand_miou(net, dataset, num_classes: int = NUM_CLASSES, ignore: int = 255) -> float:
+    """mIoU (percent) of ``net`` on ``dataset`` by a confusion matrix counted with numpy."""
+    import numpy as np
+
+    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
+    net.eval()
+    with torch.no_grad():
+        for i in range(len(dataset)):
+            sample = dataset[i]
+            logits = net(sample["image"][None]).logits
+            logits = torch.nn.functional.interpolate(logits, size=sample["mask"].shape, mode="bilinear",
+                                                     align_corners=False)  # fmt: skip
+            pred = logits.argmax(1)[0].numpy().ravel()
+            mask = sample["mask"].numpy().ravel()
+            keep = mask != ignore
+            np.add.at(confusion, (mask[keep], pred[keep]), 1)
+    inter = np.diag(confusion)
+    union = confusion.sum(0) + confusion.sum(1) - inter
+    iou = [inter[c] / union[c] for c in range(num_classes) if union[c] > 0]
+    return float(np.mean(iou) * 100)
+
+
+def test_teacher_miou_is_measured_once_on_the_validation_images(tmp_path):
+    module = make_module()
+    expected = _hand_miou(tiny_net(1), RandomScenes())
+    calls = []
+    module.teacher.register_forward_hook(lambda *args: calls.append(module.trainer.validating))
+    trainer = fit(module, tmp_path, steps=4, val_check_interval=2)  # two validations
+    assert module.teacher_val["miou"] == pytest.approx(expected, abs=1e-4)
+    assert sum(calls) == 2  # the 8 validation images in 2 batches, at the first validation only
+    assert float(trainer.callback_metrics["val/teacher_mIoU"]) == pytest.approx(expected, abs=1e-3)

@@ -43,6 +43,12 @@ def test_plain_run_writes_results(train_cfg, tmp_path):
     assert Path(on_disk["best_checkpoint"]).is_file() and (out / "checkpoints" / "last.ckpt").is_file()
     assert (out / "csv" / "metrics.csv").is_file()
     assert "dataset.batch_size=2" in on_disk["overrides"]
+    compute = on_disk["compute"]
+    assert compute["device"] == "cpu" and compute["world_size"] == 1
+    assert compute["device_hours"] == pytest.approx(compute["wall_time_s"] / 3600, abs=1e-5)
+    # 3 steps of 2 images, each timed (the validation after step 2 and the final save are not)
+    assert compute["train_images"] == 6 and compute["train_images_per_s"] > 0
+    assert on_disk["teacher_val_miou"] is None and on_disk["paper"] is None
 
 
 @pytest.mark.slow
@@ -72,6 +78,8 @@ def test_kd_run_with_teacher_checkpoint_and_resume(train_cfg, tmp_path):
                     "trainer.val_check_interval=2")  # fmt: skip
     results = run(cfg)
     assert results["teacher_checkpoint"] == str(ckpt)
+    teacher_run = json.loads((ckpt.parent.parent / "results.json").read_text())  # same images, same weights
+    assert results["teacher_val_miou"] == pytest.approx(teacher_run["best_val_miou"], abs=1e-3)
     saved = torch.load(results["last_checkpoint"], map_location="cpu", weights_only=True)
     assert not any(k.startswith("teacher.") for k in saved["state_dict"])  # checkpoints stay small
 

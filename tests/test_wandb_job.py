@@ -62,3 +62,15 @@ def test_job_name_is_the_overrides_without_paths():
     overrides = ["distillation=kd", "seed=2", "hydra.run.dir=/x", "paths.root_dir=/y", "logger=wandb"]
     assert wandb_job.job_name(overrides) == "distillation=kd,seed=2"
     assert wandb_job.job_name([]) == "defaults"
+
+
+def test_summary_holds_the_mious_and_the_compute_of_a_run():
+    from rdd_lightning.wandb_job import summary
+
+    results = {"best_val_miou": 40.0, "final_val_miou": 39.5, "teacher_val_miou": 61.0, "global_step": 10,
+               "wall_time_s": 12.0, "per_class_iou": {"a": 1.0},
+               "compute": {"device": "cpu", "train_images_per_s": 8.5, "peak_memory_mb": None}}  # fmt: skip
+    assert summary(results) == {
+        "best_val_miou": 40.0, "final_val_miou": 39.5, "teacher_val_miou": 61.0, "global_step": 10,
+        "wall_time_s": 12.0, "compute/device": "cpu", "compute/train_images_per_s": 8.5,
+    }  # fmt: skip

@@ -20,6 +20,7 @@ from lightning.pytorch.callbacks import DeviceStatsMonitor, LearningRateMonitor,
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from rdd_lightning.callbacks import ComputeMonitor, RDDStageSwitch
 from rdd_lightning.data import SegmentationDataModule
 from rdd_lightning.distillation import DistillationObjective
 from rdd_lightning.errors import ConfigError, find_cause, find_config_error
@@ -78,8 +79,6 @@ def stage_switch_callback(objective: DistillationObjective) -> list[L.Callback]:
     """The RDD stage switch when the objective has stages (``task: rdd``), else nothing."""
     if objective.task != "rdd":
         return []
-    from rdd_lightning.callbacks import RDDStageSwitch
-
     return [RDDStageSwitch(**objective.switch, blend=objective.blend)]
 
 
@@ -106,6 +105,9 @@ def build_trainer(
     if trainer_cfg.get("enable_progress_bar") is False:  # instead of Lightning's error about the callback
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     callbacks.append(StepSeed(int(cfg.get("seed", 0))))
+    batch_size = OmegaConf.select(cfg, "dataset.batch_size")
+    if batch_size is not None:  # results.json's "compute" (training runs)
+        callbacks.append(ComputeMonitor(int(batch_size)))
     try:
         return instantiate(
             trainer_cfg, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import logging
 import math
+import resource
+import time
 from typing import Any
 
 import lightning as L
+import torch
 
 from rdd_lightning.distillation import BLENDS, TFE, TSE, check_choice, resolve_switch
 from rdd_lightning.errors import ConfigError
@@ -101,3 +104,107 @@ class RDDStageSwitch(L.Callback):
         self._restored_switch_step = state_dict.get("switch_step")
         self.switch_step = state_dict.get("switch_step", self.switch_step)
         self.total_steps = state_dict.get("total_steps", self.total_steps)
+
+
+class ComputeMonitor(L.Callback):
+    """What a run costs, so methods can be compared at equal compute: training throughput, training time
+    (validation excluded), peak memory.
+
+    Throughput is measured over the intervals between consecutive training-batch starts (no device
+    synchronisation: over many steps the queue of asynchronous GPU work evens out); an interval ends early at
+    a validation or a checkpoint save, whose time is not counted, and counts global images (``global batch`` per optimizer step). Peak memory is the
+    peak of ``torch.cuda.max_memory_allocated`` on GPUs, else the peak resident memory of the process
+    (``ru_maxrss``), the maximum over processes under DDP. The totals are kept in checkpoints, so a run resumed
+    after a pre-emption reports the training time and images of all its segments.
+
+    Args:
+        global_batch_size: images per optimizer step over all processes (``dataset.batch_size``).
+        log_every_n_steps: log ``compute/train_images_per_s`` this often (0: never; the trainer's by default).
+    """
+
+    def __init__(self, global_batch_size: int, log_every_n_steps: int | None = None):
+        self.global_batch_size = int(global_batch_size)
+        self.log_every_n_steps = log_every_n_steps
+        self.train_time_s = 0.0  # training intervals only, over every segment of the run
+        self.train_images = 0
+        self._last_start: float | None = None
+        self._last_step: int | None = None
+        self.peak_memory_mb: float | None = None
+
+    # --------------------------------------------------------------------------------------- timing
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if isinstance(pl_module.device, torch.device) and pl_module.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(pl_module.device)
+        self._last_start = None
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._last_start is None:
+            self._last_start, self._last_step = time.perf_counter(), trainer.global_step
+        else:
+            self._close_interval(trainer, restart=True)
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        every = trainer.log_every_n_steps if self.log_every_n_steps is None else self.log_every_n_steps
+        if every and trainer.global_step % every == 0 and self.train_time_s > 0:
+            pl_module.log("compute/train_images_per_s", self.images_per_s, on_step=True, on_epoch=False)
+
+    def _close_interval(self, trainer: L.Trainer, restart: bool) -> None:
+        """Count the time since the interval began if whole optimizer steps (all their accumulated micro-batches)
+        finished in it; then start the next interval now, or (``restart=False``) at the next batch."""
+        now, step = time.perf_counter(), trainer.global_step
+        if self._last_start is not None and step > self._last_step:
+            per_step = self.global_batch_size * max(1, int(trainer.accumulate_grad_batches))
+            self.train_time_s += now - self._last_start
+            self.train_images += (step - self._last_step) * per_step
+            self._last_start, self._last_step = now, step
+        if not restart:
+            self._last_start = None
+
+    def _pause(self, trainer: L.Trainer, *args: Any) -> None:
+        """A validation or a checkpoint save: the steps so far count, the time until the next batch does not."""
+        self._close_interval(trainer, restart=False)
+
+    on_validation_start = _pause
+    on_save_checkpoint = _pause
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._close_interval(trainer, restart=False)
+        peak = torch.tensor(self._process_peak_mb(pl_module.device), device=pl_module.device)
+        self.peak_memory_mb = float(trainer.strategy.reduce(peak, reduce_op="max"))
+
+    # --------------------------------------------------------------------------------------- results
+    @property
+    def images_per_s(self) -> float | None:
+        return self.train_images / self.train_time_s if self.train_time_s > 0 else None
+
+    @staticmethod
+    def _process_peak_mb(device: torch.device) -> float:
+        if device.type == "cuda":
+            return torch.cuda.max_memory_allocated(device) / 2**20
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+    def summary(self, wall_time_s: float, world_size: int, device: torch.device) -> dict[str, Any]:
+        """The ``compute`` record of ``results.json``. ``device_hours`` = wall time × processes (what a
+        cluster bills; GPU-hours on GPUs)."""
+        return {
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "world_size": int(world_size),
+            "wall_time_s": round(wall_time_s, 2),
+            "device_hours": round(wall_time_s * world_size / 3600, 5),
+            "train_time_s": round(self.train_time_s, 2),
+            "train_images": int(self.train_images),
+            "train_images_per_s": None if self.images_per_s is None else round(self.images_per_s, 3),
+            "peak_memory_mb": None if self.peak_memory_mb is None else round(self.peak_memory_mb, 1),
+            "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "host_max_rss",
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"train_time_s": self.train_time_s, "train_images": self.train_images}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.train_time_s = float(state_dict.get("train_time_s", 0.0))
+        self.train_images = int(state_dict.get("train_images", 0))

@@ -107,6 +107,11 @@ class DistillationModule(L.LightningModule):
         self.ignore_index = ignore_index
         self.metadata = dict(metadata or {})
         self.val_metrics = segmentation_metrics(num_classes, ignore_index)
+        # the teacher's mIoU on the same validation images, measured once (at the first real validation)
+        self.teacher_metrics = (
+            segmentation_metrics(num_classes, ignore_index) if teacher is not None else None
+        )
+        self.teacher_val: dict[str, Any] = {}
         self.last_val: dict[str, Any] = {}  # metrics of the last validation (train.py's results)
         self.last_test: dict[str, Any] = {}  # metrics of the last test
 
@@ -190,12 +195,23 @@ class DistillationModule(L.LightningModule):
         return preds
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        if self._measuring_teacher():
+            with torch.no_grad():
+                teacher_preds = infer.predict_logits(self.teacher, batch["image"], self.inference).argmax(1)
+            self.teacher_metrics.update(teacher_preds, batch["mask"])
         return self.evaluation_step(batch)
+
+    def _measuring_teacher(self) -> bool:
+        return self.teacher_metrics is not None and not self.teacher_val and not self.trainer.sanity_checking
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         return self.evaluation_step(batch)
 
     def on_validation_epoch_end(self) -> None:
+        if self._measuring_teacher():
+            self.teacher_val = self.summarize(self.teacher_metrics)
+        if self.teacher_val:  # logged at every validation: a flat reference line beside val/mIoU
+            self.log("val/teacher_mIoU", self.teacher_val["miou"], sync_dist=False)
         self.last_val = self.log_evaluation("val")
 
     def on_test_epoch_end(self) -> None:
@@ -204,23 +220,26 @@ class DistillationModule(L.LightningModule):
     def log_evaluation(self, prefix: str) -> dict[str, Any]:
         """Log ``<prefix>/mIoU``, ``/aAcc`` and ``/IoU/<class>`` (percent) of the pixels counted since the last
         call, reset the count, and return the numbers."""
-        metrics = self.val_metrics.compute()
-        self.val_metrics.reset()
-        iou, acc = metrics["iou"].double(), metrics["acc"].double()
-        miou = torch.nanmean(iou) * 100
-        self.log(f"{prefix}/mIoU", miou.float(), prog_bar=True, sync_dist=False)
-        self.log(f"{prefix}/aAcc", (acc * 100).float())
+        result = self.summarize(self.val_metrics)
+        self.log(f"{prefix}/mIoU", result["miou"], prog_bar=True, sync_dist=False)
+        self.log(f"{prefix}/aAcc", result["pixel_acc"])
+        self.log_dict({f"{prefix}/IoU/{k}": v for k, v in result["per_class_iou"].items() if v is not None})
+        return {**result, "global_step": int(self.global_step), "sanity": bool(self.trainer.sanity_checking)}
+
+    def summarize(self, metrics: MetricCollection) -> dict[str, Any]:
+        """``{"miou", "pixel_acc", "per_class_iou": {class: IoU or None}}`` (percent) of the pixels ``metrics``
+        counted (over every process), which are then reset."""
+        values = metrics.compute()
+        metrics.reset()
+        iou, acc = values["iou"].double(), values["acc"].double()
         per_class = {
             name: (None if v.isnan() else float(v * 100))
             for name, v in zip(self.class_names, iou, strict=True)
         }
-        self.log_dict({f"{prefix}/IoU/{name}": v for name, v in per_class.items() if v is not None})
         return {
-            "miou": float(miou),
+            "miou": float(torch.nanmean(iou) * 100),
             "pixel_acc": float(acc * 100),
             "per_class_iou": per_class,
-            "global_step": int(self.global_step),
-            "sanity": bool(self.trainer.sanity_checking),
         }
 
     # ---------------------------------------------------------------------------------------- optim

@@ -23,6 +23,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from rdd_lightning import builders, wandb_job
+from rdd_lightning.callbacks import ComputeMonitor
 from rdd_lightning.errors import exit_on_config_error
 from rdd_lightning.launch import ddp_job, track_children
 from rdd_lightning.module import DistillationModule
@@ -58,11 +59,21 @@ def save_final(trainer: L.Trainer, final: dict[str, Any]) -> tuple[str | None, f
     return best_path, best, str(last)
 
 
-def results_record(cfg: DictConfig, trainer: L.Trainer, datamodule, objective, final: dict, saved: tuple,
-                   teacher: dict | None, ckpt_path: str | None, wall_time_s: float) -> dict[str, Any]:  # fmt: skip
+def compute_record(trainer: L.Trainer, wall_time_s: float) -> dict[str, Any]:
+    """``results.json``'s ``compute``: wall time and device-hours of this invocation, training time, images
+    and throughput over every segment of the run, peak memory (:class:`ComputeMonitor`)."""
+    monitor = next((c for c in trainer.callbacks if isinstance(c, ComputeMonitor)), None)
+    if monitor is None:
+        return {"wall_time_s": round(wall_time_s, 2)}
+    return monitor.summary(wall_time_s, trainer.world_size, trainer.strategy.root_device)
+
+
+def results_record(cfg: DictConfig, trainer: L.Trainer, module: DistillationModule, datamodule, final: dict,
+                   saved: tuple, teacher: dict | None, ckpt_path: str | None, wall_time_s: float) -> dict[str, Any]:  # fmt: skip
     """What ``results.json`` holds (``report`` and the notebooks read it instead of logs)."""
     best_path, best_miou, last_path = saved
     choices = HydraConfig.get().runtime.choices
+    paper = cfg.get("paper")
     return {
         "task_name": cfg.task_name,
         "tags": list(cfg.tags),
@@ -70,18 +81,23 @@ def results_record(cfg: DictConfig, trainer: L.Trainer, datamodule, objective, f
         "choices": {k: v for k, v in choices.items() if not k.startswith("hydra")},
         "seed": int(cfg.seed),
         "dataset": datamodule.name,
-        "distillation": objective.name,
+        "distillation": module.objective.name,
+        "experiment": choices.get("experiment"),
+        "paper": OmegaConf.to_container(paper, resolve=True) if paper is not None else None,
         "best_val_miou": best_miou,
         "final_val_miou": final.get("miou"),
         "final_val_step": final.get("global_step"),
         "final_pixel_acc": final.get("pixel_acc"),
         "per_class_iou": final.get("per_class_iou"),
+        "teacher_val_miou": module.teacher_val.get("miou"),
+        "teacher_per_class_iou": module.teacher_val.get("per_class_iou"),
         "global_step": int(trainer.global_step),
         "world_size": trainer.world_size,
         "global_batch_size": datamodule.batch_size,
         "per_process_batch_size": datamodule.per_process_batch(trainer.world_size),
         "resumed_from": ckpt_path,
         "wall_time_s": round(wall_time_s, 2),
+        "compute": compute_record(trainer, wall_time_s),
         "best_checkpoint": best_path,
         "last_checkpoint": last_path,
         "teacher_checkpoint": teacher["checkpoint"] if teacher else None,
@@ -118,7 +134,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         track_children(trainer)  # ddp_job waits for the ranks this trainer started
     final = validated_final(trainer, module, datamodule) if cfg.validate_final else dict(module.last_val)
     saved = save_final(trainer, final)
-    results = results_record(cfg, trainer, datamodule, objective, final, saved, teacher_record, ckpt_path,
+    results = results_record(cfg, trainer, module, datamodule, final, saved, teacher_record, ckpt_path,
                              time.time() - start)  # fmt: skip
     if trainer.is_global_zero:
         write_json(output_dir / "results.json", results)

@@ -56,21 +56,31 @@ def configure(cfg: DictConfig) -> None:
             wandb_cfg.group = sweep_group(cfg.paths.get("log_dir")) or str(cfg.task_name)
 
 
+SUMMARY_KEYS = ("best_val_miou", "final_val_miou", "teacher_val_miou", "global_step", "wall_time_s")
+
+
+def summary(results: Mapping[str, Any]) -> dict[str, Any]:
+    """The run's W&B summary: its mIoUs, steps and compute (``compute/<key>``), from ``results.json``."""
+    values = {k: results[k] for k in SUMMARY_KEYS if results.get(k) is not None}
+    compute = results.get("compute") or {}
+    values.update({f"compute/{k}": v for k, v in compute.items() if v is not None})
+    return values
+
+
 def log_results(loggers: Sequence[Any], results: Mapping[str, Any]) -> None:
-    """Per-class IoU as a W&B table and the run's summary numbers (W&B loggers only; rank 0 only)."""
+    """Per-class IoU of the student and the teacher as a W&B table and the run's summary (W&B loggers only;
+    rank 0 only)."""
     for logger in loggers:
         if not isinstance(logger, WandbLogger):
             continue
-        per_class = results.get("per_class_iou") or {}
+        student = results.get("per_class_iou") or {}
+        teacher = results.get("teacher_per_class_iou") or {}
         logger.log_table(
-            "val/per_class_iou", columns=["class", "IoU (%)"], data=[[k, v] for k, v in per_class.items()]
+            "val/per_class_iou",
+            columns=["class", "student IoU (%)", "teacher IoU (%)"],
+            data=[[name, iou, teacher.get(name)] for name, iou in student.items()],
         )
-        summary = {
-            k: results[k]
-            for k in ("best_val_miou", "final_val_miou", "global_step", "wall_time_s")
-            if k in results
-        }
-        logger.experiment.summary.update(summary)
+        logger.experiment.summary.update(summary(results))
 
 
 @contextlib.contextmanager
