@@ -299,3 +299,4 @@ def test_report_of_a_real_sweep_with_a_failed_setting(tmp_path):
     failed = {Path(j["job"]).name: j for j in report["incomplete"]}
     assert set(failed) == {"4", "5"}
     assert failed["4"]["group"] == "optimizer.lr=-1 seed=1" and failed["4"]["state"] == "no checkpoint"
+    assert "Invalid learning rate" in failed["4"]["error"]  # the job's own log says why it failed

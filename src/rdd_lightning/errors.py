@@ -32,12 +32,16 @@ def find_config_error(err: BaseException | None) -> ConfigError | None:
 
 def exit_on_config_error(fn: Callable[[], T], log: logging.Logger) -> T:
     """``fn()``; a :class:`ConfigError` behind any exception it raises is logged, printed to stderr as one
-    ``error: ...`` line (no traceback) and ends the process with exit status 2. Other errors propagate."""
+    ``error: ...`` line (no traceback) and ends the process with exit status 2. Other errors are logged as
+    one line (so a failed job's log says why; the traceback follows from Hydra) and propagate."""
     try:
         return fn()
     except Exception as err:
         config_error = find_config_error(err)
-        if config_error is None:
+        if config_error is None:  # into the job's log too (a sweep's report lists it), then Hydra's handling
+            log.error(
+                "failed: %s: %s", type(err).__name__, str(err).strip().splitlines()[0] if str(err) else ""
+            )
             raise
         log.error("%s", config_error)
         print(f"error: {config_error}", file=sys.stderr)
