@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint format bench bench-data bench-kd clean
+.PHONY: install demo test test-fast lint format bench bench-scaling bench-data bench-kd clean
 
 install: $(STAMP)  ## .venv with the package (editable) and its test extras; a no-op when nothing changed
 
@@ -36,6 +36,9 @@ format: install
 
 bench: install  ## RDD loss cost at Cityscapes per-GPU scale
 	$(PY) benchmarks/rdd_losses.py
+
+bench-scaling: install  ## how the RDD losses' time and memory grow with batch, resolution and classes (ratios to plain CE)
+	$(PY) benchmarks/rdd_losses.py --scaling
 
 bench-data: install  ## training-loader throughput per dataset at its crop size
 	$(PY) benchmarks/data_loading.py

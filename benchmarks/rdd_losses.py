@@ -2,7 +2,11 @@
 
 Usage::
 
-    python benchmarks/rdd_losses.py [--repeats 5] [--device cpu|cuda] [--no-memory]
+    python benchmarks/rdd_losses.py [--repeats 5] [--device cpu|cuda] [--no-memory] [--scaling] [--json F]
+
+``--scaling`` (``make bench-scaling``) measures instead how the cost grows with batch size (2, 4, 8), label
+resolution (256x256, 512x512, 512x1024) and number of classes (19, 60, 150; 150 at 512x512 is ADE20K), one
+axis at a time around batch 4 x 19 classes x 512x512, as ratios to the plain loss of the same size.
 
 Setting (DeepLabV3 at output stride 8 on 512x1024 crops, batch 4 per GPU): 19 classes, logits ``[4, 19, 64,
 128]`` (student main/aux and teacher main/aux), labels ``[4, 512, 1024]`` with ~5 % ignored (255). Labels
@@ -50,6 +54,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -59,13 +64,35 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from rdd_lightning.rdd import tfe_task_loss, tse_task_loss  # noqa: E402
 
-B, C, h, w, H, W = 4, 19, 64, 128, 512, 1024
 IGNORE = 255
 CASES = ("plain+aux", "tfe+aux", "tse+aux", "plain noaux", "tfe noaux", "tse noaux")
+STRIDE = 8  # logits at 1/8 of the labels (DeepLabV3 / PSPNet at output stride 8)
 
 
-def make_inputs(device: str, seed: int = 0) -> dict:
+@dataclass(frozen=True)
+class Setting:
+    """A loss-input size: batch ``B`` (per GPU), classes ``C``, labels ``H x W`` (logits ``H/8 x W/8``)."""
+
+    B: int = 4
+    C: int = 19
+    H: int = 512
+    W: int = 1024
+
+    @property
+    def logit_size(self) -> tuple[int, int]:
+        return self.H // STRIDE, self.W // STRIDE
+
+    def __str__(self) -> str:
+        return f"batch {self.B}, {self.C} classes, {self.H}x{self.W}"
+
+
+CITYSCAPES = Setting()  # the paper's per-GPU Cityscapes batch
+
+
+def make_inputs(device: str, setting: Setting = CITYSCAPES, seed: int = 0) -> dict:
     """Labels ``[B,H,W]`` int64 and leaf logits ``[B,C,h,w]`` float32 (student ones require grad)."""
+    B, C, H, W = setting.B, setting.C, setting.H, setting.W
+    h, w = setting.logit_size
     g = torch.Generator().manual_seed(seed)
     coarse = torch.randint(0, C, (B, h // 16, w // 16), generator=g)  # regions of 128x128 label px
     y_low = coarse.repeat_interleave(16, 1).repeat_interleave(16, 2)  # [B,h,w]
@@ -116,12 +143,13 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_cases(device: str, repeats: int) -> dict[str, float]:
+def time_cases(device: str, repeats: int, setting: Setting = CITYSCAPES,
+               cases: tuple[str, ...] = CASES) -> dict[str, float]:  # fmt: skip
     """Median wall time (ms) of forward + backward per case, interleaved rounds after one warm-up round."""
-    x = make_inputs(device)
-    times: dict[str, list[float]] = {c: [] for c in CASES}
+    x = make_inputs(device, setting)
+    times: dict[str, list[float]] = {c: [] for c in cases}
     for round_ in range(repeats + 1):
-        for case in CASES:
+        for case in cases:
             _sync(device)
             start = time.perf_counter()
             run_case(case, x)
@@ -135,10 +163,10 @@ def _status_kib(key: str) -> int:
     return int(re.search(rf"^{key}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1))
 
 
-def _peak_mib_this_process(case: str, device: str) -> float:
+def _peak_mib_this_process(case: str, device: str, setting: Setting = CITYSCAPES) -> float:
     """Peak extra memory (MiB) of one forward + backward of ``case``; see the module docstring."""
     if device.startswith("cuda"):
-        x = make_inputs(device)
+        x = make_inputs(device, setting)
         run_case(case, x)
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -148,7 +176,7 @@ def _peak_mib_this_process(case: str, device: str) -> float:
         return (torch.cuda.max_memory_allocated() - base) / 2**20
     libc = ctypes.CDLL("libc.so.6")
     libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD: big buffers are mmap'ed and unmapped on free
-    x = make_inputs(device)
+    x = make_inputs(device, setting)
     rss_before_warmup = _status_kib("VmRSS")
     run_case(case, x)
     try:
@@ -161,24 +189,27 @@ def _peak_mib_this_process(case: str, device: str) -> float:
     return (_status_kib("VmHWM") - base) / 1024
 
 
-def peak_memory(device: str) -> dict[str, float]:
+def peak_memory(
+    device: str, setting: Setting = CITYSCAPES, cases: tuple[str, ...] = CASES
+) -> dict[str, float]:
     """Peak MiB per case: in-process on CUDA, one fresh subprocess per case on CPU."""
     out = {}
-    for case in CASES:
+    for case in cases:
         if device.startswith("cuda"):
-            out[case] = _peak_mib_this_process(case, device)
+            out[case] = _peak_mib_this_process(case, device, setting)
             continue
+        size = f"{setting.B},{setting.C},{setting.H},{setting.W}"
         proc = subprocess.run(
-            [sys.executable, __file__, "--device", device, "--_memory-case", case],
+            [sys.executable, __file__, "--device", device, "--_memory-case", case, "--_setting", size],
             capture_output=True, text=True, check=True,
         )  # fmt: skip
         out[case] = json.loads(proc.stdout.strip().splitlines()[-1])["peak_mib"]
     return out
 
 
-def describe_masks(device: str) -> str:
+def describe_masks(device: str, setting: Setting = CITYSCAPES) -> str:
     """One line on the inputs: hard fractions of each head and which threshold path they take."""
-    x = make_inputs(device)
+    x = make_inputs(device, setting)
     from rdd_lightning.rdd import pixel_confidence
 
     valid = x["target"] != IGNORE
@@ -192,34 +223,81 @@ def describe_masks(device: str) -> str:
     return "; ".join(parts)
 
 
+# The scaling study: one axis at a time around 4 x 19 classes x 512x512; 150 classes at 512x512 is ADE20K.
+SCALING = {
+    "batch": [Setting(2, 19, 512, 512), Setting(4, 19, 512, 512), Setting(8, 19, 512, 512)],
+    "resolution": [Setting(4, 19, 256, 256), Setting(4, 19, 512, 512), Setting(4, 19, 512, 1024)],
+    "classes": [Setting(4, 19, 512, 512), Setting(4, 60, 512, 512), Setting(4, 150, 512, 512)],
+}
+SCALING_CASES = ("plain+aux", "tfe+aux", "tse+aux")
+
+
+def cost_table(device: str, repeats: int, setting: Setting, memory: bool,
+               cases: tuple[str, ...] = CASES) -> list[dict]:  # fmt: skip
+    """One row per case: median ms, peak MiB and both as ratios to the plain loss of the same heads."""
+    times = time_cases(device, repeats, setting, cases)
+    mem = peak_memory(device, setting, cases) if memory else None
+    rows = []
+    for case in cases:
+        plain = "plain+aux" if case.endswith("+aux") else "plain noaux"
+        rows.append({
+            "setting": str(setting), "case": case, "ms": times[case], "time_ratio": times[case] / times[plain],
+            "peak_mib": None if mem is None else mem[case],
+            "memory_ratio": None if mem is None else mem[case] / mem[plain],
+        })  # fmt: skip
+    return rows
+
+
+def markdown(rows: list[dict], first: str = "case") -> str:
+    lines = [
+        f"| {first} | median ms | × plain time | peak MiB | × plain memory |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        label = r["case"] if first == "case" else f"{r['setting']}: {r['case']}"
+        mem = " – | – |" if r["peak_mib"] is None else f" {r['peak_mib']:.0f} | {r['memory_ratio']:.2f} |"
+        lines.append(f"| {label} | {r['ms']:.0f} | {r['time_ratio']:.2f} |{mem}")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds (median is reported)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    parser.add_argument(
+        "--scaling",
+        action="store_true",
+        help="batch, resolution and class-count sweeps (3 sizes each) instead of one setting",
+    )
+    parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--_memory-case", dest="memory_case", help=argparse.SUPPRESS)
+    parser.add_argument("--_setting", dest="setting", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.manual_seed(0)
     if args.memory_case:
-        print(json.dumps({"peak_mib": _peak_mib_this_process(args.memory_case, args.device)}))
+        setting = Setting(*map(int, args.setting.split(","))) if args.setting else CITYSCAPES
+        print(json.dumps({"peak_mib": _peak_mib_this_process(args.memory_case, args.device, setting)}))
         return
 
     print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
-          f"batch {B}, classes {C}, logits {h}x{w}, labels {H}x{W}, repeats {args.repeats}")  # fmt: skip
-    print(describe_masks(args.device))
-    times = time_cases(args.device, args.repeats)
-    mem = None if args.no_memory else peak_memory(args.device)
-    print()
-    print("| case | median ms | × plain time | peak MiB | × plain memory |")
-    print("|---|---:|---:|---:|---:|")
-    for case in CASES:
-        plain = "plain+aux" if case.endswith("+aux") else "plain noaux"
-        row = f"| {case} | {times[case]:.0f} | {times[case] / times[plain]:.2f} |"
-        if mem is None:
-            row += " – | – |"
-        else:
-            row += f" {mem[case]:.0f} | {mem[case] / mem[plain]:.2f} |"
-        print(row)
+          f"repeats {args.repeats}, logits at 1/{STRIDE} of the labels")  # fmt: skip
+    if not args.scaling:
+        print(f"{CITYSCAPES}; {describe_masks(args.device)}\n")
+        rows = cost_table(args.device, args.repeats, CITYSCAPES, not args.no_memory)
+        print(markdown(rows))
+    else:
+        rows = []
+        for axis, settings in SCALING.items():
+            axis_rows = []
+            for setting in settings:
+                axis_rows += cost_table(args.device, args.repeats, setting, not args.no_memory, SCALING_CASES)
+            print(f"\n{axis}:\n{markdown(axis_rows, first='setting')}", flush=True)
+            rows += [{"axis": axis, **r} for r in axis_rows]
+    if args.json:
+        args.json.write_text(
+            json.dumps({"device": args.device, "torch": torch.__version__, "rows": rows}, indent=1)
+        )
 
 
 if __name__ == "__main__":
