@@ -99,9 +99,17 @@ def test_torchrun_started_ranks_share_one_run_directory(tmp_path):
 
 
 def test_multirun_of_ddp_jobs_gives_one_run_and_one_wandb_run_per_job(tmp_path):
+    """The sweep comes from an experiment file (``hydra.mode: MULTIRUN``, as the paper-table experiments do):
+    each job's extra rank gets ``experiment=...`` among the job's overrides and must still run that one job."""
+    experiments = tmp_path / "extra_conf" / "experiment"
+    experiments.mkdir(parents=True)
+    (experiments / "seeds.yaml").write_text(
+        "# @package _global_\nhydra:\n  mode: MULTIRUN\n  sweeper:\n    params:\n      seed: 1,2\n"
+    )
     sweep = tmp_path / "sweep"
-    proc = ok(cli(tmp_path, "train", "-m", *CLI_TINY, *DDP2, "distillation=none", "trainer.max_steps=2",
-                  "trainer.val_check_interval=2", "logger=wandb", "seed=1,2", f"hydra.sweep.dir={sweep}"))  # fmt: skip
+    proc = ok(cli(tmp_path, "train", "--config-dir", str(tmp_path / "extra_conf"), "experiment=seeds", *CLI_TINY,
+                  *DDP2, "distillation=none", "trainer.max_steps=2", "trainer.val_check_interval=2", "logger=wandb",
+                  f"hydra.sweep.dir={sweep}"))  # fmt: skip
     results = sorted(tmp_path.rglob("results.json"))
     assert results == [sweep / "0" / "results.json", sweep / "1" / "results.json"], proc.stderr[-2000:]
     seeds = [json.loads(p.read_text())["seed"] for p in results]

@@ -83,6 +83,7 @@ def job_command(module: str, output_dir: str, local_rank: int) -> tuple[list[str
     command += list(hydra_cfg.overrides.task)
     log_file = Path(output_dir) / f"{hydra_cfg.job.name}_rank{local_rank}.log"
     command += [
+        "hydra.mode=RUN",  # one run, also when the job's config asks for a sweep (experiment=<paper table>)
         f"hydra.run.dir='{output_dir}'",
         "hydra.output_subdir=null",  # only the job itself writes .hydra/
         f"hydra.job.name={hydra_cfg.job.name}",
