@@ -26,6 +26,7 @@ from tests.conftest import TINY, cli_env, compose_train_cfg, train_once
 PAPER = ["ade20k", "camvid", "cityscapes", "integrations", "mask_modes", "tfe_share", "thresholds", "voc"]
 TWINS = [f"synthetic_{name}" for name in PAPER]
 SWEEPS = PAPER + TWINS
+STUDIES = ["synthetic_table"]  # the package's own evidence (no paper counterpart)
 
 #: jobs of each sweep: seeds x students x methods, or seeds x ablation values
 JOBS = {"cityscapes": 72, "camvid": 12, "voc": 12, "ade20k": 6, "tfe_share": 15, "mask_modes": 12,
@@ -106,6 +107,7 @@ TWIN_JOB = {
     "synthetic_mask_modes": ["distillation.tse.mode=and", "seed=1"],
     "synthetic_thresholds": ["distillation.tse.threshold=0.65", "seed=1"],
     "synthetic_integrations": ["distillation=cirkd_rdd", "seed=1"],
+    "synthetic_table": ["distillation=dsd_rdd", "seed=3"],
 }
 SMALL_MEMORY = ["distillation.terms.cirkd_memory.pixel_memory_size=500",
                 "distillation.terms.cirkd_memory.region_memory_size=50"]  # fmt: skip
@@ -151,7 +153,7 @@ def experiment_names() -> list[str]:
 
 # -------------------------------------------------------------------------------------- the files themselves
 def test_the_experiments_are_exactly_these():
-    assert experiment_names() == sorted([*SWEEPS, "synthetic_teacher"])
+    assert experiment_names() == sorted([*SWEEPS, *STUDIES, "synthetic_teacher"])
 
 
 @pytest.mark.parametrize("name", SWEEPS)
@@ -283,7 +285,7 @@ def tiny_teacher(ckpt: Path) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("twin", TWINS)
+@pytest.mark.parametrize("twin", [*TWINS, *STUDIES])
 def test_twin_trains(twin, teacher_ckpt, tmp_path):
     """One job of each twin (one combination of its axes, applied as overrides) trains 2 steps on tiny data."""
     job = TWIN_JOB[twin]
