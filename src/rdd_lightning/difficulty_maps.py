@@ -583,23 +583,18 @@ def _wandb_images(
 
 # ------------------------------------------------------------------------------------------------ checkpoints
 def load_network(ckpt_path: str | Path) -> nn.Module:
-    """The network of a checkpoint of this package (student or teacher run), frozen, in eval mode: built from
-    the network it records and loaded by :func:`rdd_lightning.teacher.load_teacher` (which checks it)."""
-    from rdd_lightning.models import build_model
-    from rdd_lightning.teacher import load_teacher, read_checkpoint
+    """The network of a checkpoint of this package (student or teacher run), frozen, in eval mode, built from
+    the network it records (:func:`rdd_lightning.teacher.rebuild_network`, which checks the weights)."""
+    from rdd_lightning.teacher import read_checkpoint, rebuild_network
 
     checkpoint = read_checkpoint(ckpt_path)
-    metadata = checkpoint.get("rdd_lightning") or {}
-    spec, described = metadata.get("network"), metadata.get("student") or {}
-    if not spec or "num_classes" not in described:
+    described = (checkpoint.get("rdd_lightning") or {}).get("student") or {}
+    if "num_classes" not in described:
         raise ConfigError(
             f"checkpoint {str(ckpt_path)!r} records no network (not a checkpoint of rdd_lightning.train?); "
             f"pass a run's checkpoints/best.ckpt or last.ckpt"
         )
-    net = build_model(**{**spec, "num_classes": described["num_classes"]})
-    return load_teacher(
-        net, ckpt_path, config_hint="student", checkpoint_key="checkpoint", checkpoint=checkpoint
-    )
+    return rebuild_network(Path(ckpt_path), checkpoint, None, described["num_classes"])
 
 
 def run_datamodule(ckpt_path: str | Path) -> tuple[Any, RDDOptions]:

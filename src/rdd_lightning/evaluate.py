@@ -22,7 +22,6 @@ import lightning as L
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
@@ -31,10 +30,9 @@ from rdd_lightning.data import SegmentationDataModule
 from rdd_lightning.errors import ConfigError, exit_on_config_error
 from rdd_lightning.inference import InferenceConfig
 from rdd_lightning.launch import ddp_job, track_children
-from rdd_lightning.models import SegmentationNet, build_model
 from rdd_lightning.module import DistillationModule
 from rdd_lightning.resume import run_state, write_json
-from rdd_lightning.teacher import load_teacher, read_checkpoint
+from rdd_lightning.teacher import read_checkpoint, rebuild_network
 
 log = logging.getLogger("rdd_lightning.evaluate")
 
@@ -42,58 +40,6 @@ SPLITS = {"val": "validate", "test": "test"}  # split -> Lightning stage
 
 
 # ------------------------------------------------------------------------------------------------ network
-def package_student_config(option: str) -> dict[str, Any]:
-    """The package's ``student/<option>`` config (for checkpoints that record only the option's name)."""
-    from hydra import compose, initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
-
-    overrides = [f"student={option}"]
-    try:
-        if GlobalHydra.instance().is_initialized():  # inside the Hydra app
-            cfg = compose(config_name="evaluate", overrides=overrides)
-        else:
-            with initialize_config_module(config_module="rdd_lightning.conf", version_base="1.3"):
-                cfg = compose(config_name="evaluate", overrides=overrides)
-    except Exception as err:  # Hydra's missing-config errors
-        raise ConfigError(
-            f"the checkpoint was trained with student={option}, which is not a config of this package; "
-            f"pass student=<the network's config>"
-        ) from err
-    return OmegaConf.to_container(cfg.student, resolve=True)
-
-
-def rebuild_network(
-    ckpt_path: Path, checkpoint: dict[str, Any], student_cfg: DictConfig | None, num_classes: int
-) -> SegmentationNet:
-    """The network of ``ckpt_path`` (read into ``checkpoint``) with its weights, frozen, in eval mode.
-
-    Built from ``student_cfg`` when the user gave one (checked against the checkpoint's record: a mismatch
-    raises a :class:`ConfigError` naming both), else from the network config the checkpoint records
-    (``metadata["network"]``), else from the package's ``student/<metadata["student_config"]>`` config.
-    """
-    metadata = checkpoint.get("rdd_lightning") or {}
-    if student_cfg is not None:
-        net = instantiate(student_cfg, num_classes=num_classes, encoder_weights=None)
-    elif metadata.get("network"):
-        net = build_model(**{**metadata["network"], "num_classes": num_classes})
-    elif metadata.get("student_config"):
-        spec = package_student_config(metadata["student_config"])
-        net = instantiate({**spec, "num_classes": num_classes, "encoder_weights": None})
-    else:
-        raise ConfigError(
-            f"ckpt_path={str(ckpt_path)!r} records no network (not a checkpoint of this package?); "
-            f"pass student=<the network's config>, e.g. student=resnet18"
-        )
-    try:
-        return load_teacher(
-            net, ckpt_path, config_hint="student", checkpoint_key="ckpt_path", checkpoint=checkpoint
-        )
-    except ConfigError as err:
-        if student_cfg is None:
-            raise
-        raise ConfigError(f"{err} Or leave student= out: the checkpoint's own network is used.") from err
-
-
 def check_classes(ckpt_path: Path, metadata: Mapping[str, Any], datamodule: SegmentationDataModule) -> None:
     """The checkpoint's class count must be the dataset's; other class names are only reported."""
     recorded = (metadata.get("student") or {}).get("num_classes")

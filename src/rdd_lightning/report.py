@@ -290,6 +290,7 @@ def summarise_group(group: Group, label: str) -> dict[str, Any]:
         "network": (first.get("choices") or {}).get("student"),
         "distillation": first.get("distillation"),
         "dataset": first.get("dataset"),
+        "experiment": first.get("experiment"),
         "n": len(mious),
         "miou_mean": mean_or_none(mious),
         "miou_std": statistics.stdev(mious) if len(mious) > 1 else None,
@@ -356,7 +357,10 @@ class Report:
     @property
     def title(self) -> str:
         tables = sorted({g["paper_table"] for g in self.groups if g["paper_table"]})
-        return " / ".join(tables) if tables else "rdd-lightning results"
+        if tables:
+            return " / ".join(tables)
+        experiments = sorted({g["experiment"] for g in self.groups if g.get("experiment")})
+        return "experiment=" + ", ".join(experiments) if experiments else "rdd-lightning results"
 
     def to_dict(self) -> dict[str, Any]:
         return {"title": self.title, "shared_overrides": self.shared, "groups": self.groups,

@@ -13,10 +13,12 @@ from typing import Any
 
 import torch
 from filelock import FileLock
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
 
 from rdd_lightning.errors import ConfigError
 from rdd_lightning.launch import clean_environment, wait_for
-from rdd_lightning.models import SegmentationNet
+from rdd_lightning.models import SegmentationNet, build_model
 
 TEACHER_RECIPE = "experiment=synthetic_teacher"
 
@@ -164,3 +166,56 @@ def weights_digest(net: torch.nn.Module) -> str:
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------ any checkpoint
+def package_student_config(option: str) -> dict[str, Any]:
+    """The package's ``student/<option>`` config (for checkpoints that record only the option's name)."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    overrides = [f"student={option}"]
+    try:
+        if GlobalHydra.instance().is_initialized():  # inside the Hydra app
+            cfg = compose(config_name="evaluate", overrides=overrides)
+        else:
+            with initialize_config_module(config_module="rdd_lightning.conf", version_base="1.3"):
+                cfg = compose(config_name="evaluate", overrides=overrides)
+    except Exception as err:  # Hydra's missing-config errors
+        raise ConfigError(
+            f"the checkpoint was trained with student={option}, which is not a config of this package; "
+            f"pass student=<the network's config>"
+        ) from err
+    return OmegaConf.to_container(cfg.student, resolve=True)
+
+
+def rebuild_network(
+    ckpt_path: Path, checkpoint: dict[str, Any], student_cfg: DictConfig | None, num_classes: int
+) -> SegmentationNet:
+    """The network of ``ckpt_path`` (read into ``checkpoint``) with its weights, frozen, in eval mode.
+
+    Built from ``student_cfg`` when the user gave one (checked against the checkpoint's record: a mismatch
+    raises a :class:`ConfigError` naming both), else from the network config the checkpoint records
+    (``metadata["network"]``), else from the package's ``student/<metadata["student_config"]>`` config.
+    """
+    metadata = checkpoint.get("rdd_lightning") or {}
+    if student_cfg is not None:
+        net = instantiate(student_cfg, num_classes=num_classes, encoder_weights=None)
+    elif metadata.get("network"):
+        net = build_model(**{**metadata["network"], "num_classes": num_classes})
+    elif metadata.get("student_config"):
+        spec = package_student_config(metadata["student_config"])
+        net = instantiate({**spec, "num_classes": num_classes, "encoder_weights": None})
+    else:
+        raise ConfigError(
+            f"ckpt_path={str(ckpt_path)!r} records no network (not a checkpoint of this package?); "
+            f"pass student=<the network's config>, e.g. student=resnet18"
+        )
+    try:
+        return load_teacher(
+            net, ckpt_path, config_hint="student", checkpoint_key="ckpt_path", checkpoint=checkpoint
+        )
+    except ConfigError as err:
+        if student_cfg is None:
+            raise
+        raise ConfigError(f"{err} Or leave student= out: the checkpoint's own network is used.") from err
