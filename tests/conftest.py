@@ -26,6 +26,7 @@ TINY = [
     "trainer.enable_model_summary=false",
     "logger=csv",
     "trainer.log_every_n_steps=1",
+    "callbacks.difficulty_maps.indices=[0]",  # one drawing per validation (tests/test_difficulty_maps.py: more)
 ]
 
 

@@ -33,6 +33,7 @@ CLI_TINY = [
     "~callbacks.progress_bar",
     "trainer.enable_model_summary=false",
     "trainer.log_every_n_steps=1",
+    "callbacks.difficulty_maps.indices=[0]",
 ]
 DDP2 = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true"]
 
