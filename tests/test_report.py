@@ -89,7 +89,8 @@ def report_json(capsys, *args: str) -> dict:
 def test_group_key_drops_seed_and_keys_that_do_not_change_the_experiment():
     overrides = ["distillation=rdd", "seed=3", "++trainer.devices=2", "paths.log_dir=/x", "+logger=wandb",
                  "ckpt_path=last", "task_name=t", "hydra.launcher.timeout_min=5", "trainer.num_nodes=2",
-                 "logger.wandb.project=p", "optimizer.lr=0.01", "trainer.max_steps=10"]  # fmt: skip
+                 "logger.wandb.project=p", "optimizer.lr=0.01", "trainer.max_steps=10", "~callbacks.difficulty_maps",
+                 "callbacks.difficulty_maps.indices=[0]"]  # fmt: skip
     assert group_key(overrides) == ("distillation=rdd", "optimizer.lr=0.01", "trainer.max_steps=10")
 
 

@@ -8,7 +8,7 @@ directory (``.hydra/``) without one is listed as incomplete or failed (never dro
 Grouping rule: finished training runs whose Hydra task overrides are equal once ``seed`` and the overrides
 that do not change the experiment are removed form one group (the seeds of one setting). Removed: ``seed``,
 bookkeeping (``task_name``, ``tags``, ``ckpt_path``, ``paths.*``, ``hydra.*``), logging and display
-(``logger*``, ``callbacks.progress_bar``, ``trainer.enable_progress_bar``, ``trainer.enable_model_summary``,
+(``logger*``, ``callbacks.progress_bar``, ``callbacks.difficulty_maps*``, ``trainer.enable_progress_bar``, ``trainer.enable_model_summary``,
 ``trainer.log_every_n_steps``) and placement (``trainer.accelerator``, ``trainer.devices``,
 ``trainer.num_nodes``, ``dataset.num_workers``): see :data:`NOT_EXPERIMENT`. Each group shows the mean ±
 sample standard deviation (ddof=1) and the best of its runs' ``best_val_miou``, its teacher's mIoU
@@ -45,6 +45,7 @@ NOT_EXPERIMENT = (
     "hydra.",
     "logger*",
     "callbacks.progress_bar",
+    "callbacks.difficulty_maps*",
     "trainer.enable_progress_bar",
     "trainer.enable_model_summary",
     "trainer.log_every_n_steps",
