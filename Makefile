@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo table test test-fast lint format bench bench-scaling bench-data bench-kd clean
+.PHONY: install demo table teacher-strength test test-fast lint format bench bench-scaling bench-data bench-kd clean
 
 install: $(STAMP)  ## .venv with the package (editable) and its test extras; a no-op when nothing changed
 
@@ -23,6 +23,9 @@ demo: install  ## distil a student from an (auto-trained, cached) teacher on the
 table: install  ## the seeded synthetic accuracy table: 9 methods x 3 seeds (~45 min on 2 cores), then its report
 	$(PY) -m rdd_lightning.train experiment=synthetic_table
 	$(PY) -m rdd_lightning.report "$$(ls -d logs/synthetic_table/multiruns/* | tail -n 1)" --format markdown
+
+teacher-strength: install  ## RDD - KD against teacher strength (3 teachers x kd/rdd xor/rdd or x 3 seeds; resumable)
+	$(PY) benchmarks/teacher_strength.py
 
 test: install  ## the whole test suite (CPU, tiny data; what CI runs)
 	$(PY) -m pytest -q --durations=10
