@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,12 @@ def _offline_and_quiet(monkeypatch, tmp_path_factory):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("RDD_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
+    yield
+    # A test that calls train.run (not run_job, which finishes it) leaves its W&B run active, and Lightning's
+    # WandbLogger would log the next test's run into it.
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()
 
 
 def compose_train_cfg(tmp_path: Path, overrides: list[str], config_name: str = "train",
