@@ -29,11 +29,11 @@ from typing import TYPE_CHECKING, Any
 import lightning as L
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rdd_lightning import rdd
 from rdd_lightning.errors import ConfigError
+from rdd_lightning.inference import pad_to_stride
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -197,16 +197,16 @@ def difficulty_maps(
 def network_outputs(net: nn.Module, images: Tensor) -> SegOutput:
     """``net``'s output on ``images [B, 3, H, W]`` without gradient; sizes that are not a multiple of
     ``net.output_stride`` are zero-padded at the bottom/right and the logits (main and aux) are resized to the
-    padded size and cropped back to ``H x W`` (as :func:`rdd_lightning.inference.whole_image_logits` does)."""
+    padded size and cropped back to ``H x W`` (:func:`rdd_lightning.inference.pad_to_stride`, as
+    :func:`rdd_lightning.inference.whole_image_logits` does)."""
     h, w = images.shape[-2:]
-    stride = int(getattr(net, "output_stride", 1))
-    pad_h, pad_w = (-h) % stride, (-w) % stride
+    padded = pad_to_stride(net, images)
     with torch.no_grad():
-        out = net(F.pad(images, (0, pad_w, 0, pad_h)) if (pad_h or pad_w) else images)
-        if pad_h or pad_w:
-            out.logits = rdd.upsample_logits(out.logits, (h + pad_h, w + pad_w))[..., :h, :w]
+        out = net(padded)
+        if padded is not images:
+            out.logits = rdd.upsample_logits(out.logits, padded.shape[-2:])[..., :h, :w]
             if out.aux_logits is not None:
-                out.aux_logits = rdd.upsample_logits(out.aux_logits, (h + pad_h, w + pad_w))[..., :h, :w]
+                out.aux_logits = rdd.upsample_logits(out.aux_logits, padded.shape[-2:])[..., :h, :w]
     return out
 
 
@@ -606,7 +606,6 @@ def run_datamodule(ckpt_path: str | Path) -> tuple[Any, RDDOptions]:
     current one (``$RDD_DATA_DIR`` and ``$RDD_CACHE_DIR`` apply as in training; the synthetic dataset is
     generated again where it is missing). Returns ``(datamodule set up for validation, options)``.
     """
-    import json
     import os
 
     from hydra import compose, initialize_config_module
@@ -614,18 +613,16 @@ def run_datamodule(ckpt_path: str | Path) -> tuple[Any, RDDOptions]:
     from omegaconf import OmegaConf
 
     from rdd_lightning.builders import build_datamodule, build_objective
+    from rdd_lightning.report import load_results, read_overrides
 
     run_dir = Path(ckpt_path).resolve().parent.parent
-    results, overrides_file = run_dir / "results.json", run_dir / ".hydra" / "overrides.yaml"
-    if results.is_file():
-        overrides = list(json.loads(results.read_text())["overrides"])
-    elif overrides_file.is_file():
-        overrides = list(OmegaConf.load(overrides_file))
-    else:
+    finished = (run_dir / "results.json").is_file()
+    if not finished and not (run_dir / ".hydra" / "overrides.yaml").is_file():
         raise ConfigError(
             f"{str(run_dir)!r} (two levels above checkpoint {str(ckpt_path)!r}) has neither results.json nor "
             f".hydra/overrides.yaml; pass a checkpoint inside the run directory that wrote it"
         )
+    overrides = read_overrides(run_dir, load_results(run_dir) if finished else None)
     hydra_file = run_dir / ".hydra" / "hydra.yaml"
     recorded_cwd = (
         OmegaConf.select(OmegaConf.load(hydra_file), "hydra.runtime.cwd") if hydra_file.is_file() else None

@@ -129,6 +129,15 @@ def network_logits(net: nn.Module, images: Tensor) -> Tensor:
     return getattr(out, "logits", out).float()
 
 
+def pad_to_stride(net: nn.Module, images: Tensor) -> Tensor:
+    """``images [B, 3, H, W]`` zero-padded at the bottom/right to the next multiple of ``net.output_stride``
+    (``images`` itself when ``H`` and ``W`` already are multiples)."""
+    h, w = images.shape[-2:]
+    stride = int(getattr(net, "output_stride", 1))
+    pad_h, pad_w = (-h) % stride, (-w) % stride
+    return F.pad(images, (0, pad_w, 0, pad_h)) if (pad_h or pad_w) else images
+
+
 @torch.no_grad()
 def whole_image_logits(net: nn.Module, images: Tensor) -> Tensor:
     """Logits ``[B, C, H, W]`` of ``images [B, 3, H, W]`` in one forward pass.
@@ -138,9 +147,7 @@ def whole_image_logits(net: nn.Module, images: Tensor) -> Tensor:
     cropped back to ``H x W``.
     """
     h, w = images.shape[-2:]
-    stride = int(getattr(net, "output_stride", 1))
-    pad_h, pad_w = (-h) % stride, (-w) % stride
-    padded = F.pad(images, (0, pad_w, 0, pad_h)) if (pad_h or pad_w) else images
+    padded = pad_to_stride(net, images)
     logits = network_logits(net, padded)
     logits = F.interpolate(logits, size=padded.shape[-2:], mode="bilinear", align_corners=True)
     return logits[..., :h, :w]
