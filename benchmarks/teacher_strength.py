@@ -30,7 +30,6 @@ OR ``s + t − both``. The plot draws RDD − KD against the teacher − student
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import statistics
@@ -38,6 +37,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from rdd_lightning.report import read_metrics
 
 DEMO_TEACHER_STEPS = 400  # experiment=synthetic_teacher's trainer.max_steps: the cached demo teacher
 MAIN = {
@@ -117,25 +118,23 @@ def mean_std(values: list[float]) -> tuple[float | None, float | None]:
 
 def tse_fractions(run_dir: Path, mode: str) -> dict[str, float] | None:
     """Mean over the logged TSE-RDD steps of the fractions of valid pixels hard for the student, the teacher,
-    both, and selected (from the run's CSV log)."""
-    rows = []
-    for path in run_dir.glob("csv/**/metrics.csv"):
-        with path.open() as f:
-            rows += [r for r in csv.DictReader(f) if r.get("train/rdd_stage") == "1.0"]
+    both, and selected (from the run's CSV log, :func:`rdd_lightning.report.read_metrics`)."""
+    series = read_metrics(run_dir)
+    tse_steps = {step for step, stage in series.get("train/rdd_stage", []) if stage == 1.0}
     keys = (
         "train/tse_student_hard_fraction",
         "train/tse_teacher_hard_fraction",
         "train/tse_selected_fraction",
     )
-    rows = [r for r in rows if all(r.get(k) not in (None, "") for k in keys)]
-    if not rows:
+    values = [[v for step, v in series.get(k, []) if step in tse_steps] for k in keys]
+    if not all(values):
         return None
-    s, t, sel = (statistics.fmean(float(r[k]) for r in rows) for k in keys)
+    s, t, sel = (statistics.fmean(v) for v in values)
     both = (s + t - sel) / 2 if mode == "xor" else s + t - sel
     return {"student_hard": s, "teacher_hard": t, "both_hard": both, "selected": sel}
 
 
-def summarise(root: Path, teacher_steps: list[int], groups: list[tuple[str, int | None, list[str]]]) -> dict:
+def summarise(root: Path, groups: list[tuple[str, int | None, list[str]]]) -> dict:
     """Everything the table and the plot show."""
     baseline = [r["best_val_miou"] for r in load_group(root, "none")]
     base_mean, base_std = mean_std(baseline)
@@ -249,7 +248,7 @@ def main() -> None:
             run_group(root, group, overrides, args.seeds, args.dry_run)
     if args.dry_run:
         return
-    summary = summarise(root, args.teacher_steps, groups)
+    summary = summarise(root, groups)
     text = markdown(summary)
     print(text)
     (root / "teacher_strength.md").write_text(text + "\n")

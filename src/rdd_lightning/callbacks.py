@@ -117,14 +117,14 @@ class ComputeMonitor(L.Callback):
     (``ru_maxrss``), the maximum over processes under DDP. The totals are kept in checkpoints, so a run resumed
     after a pre-emption reports the training time and images of all its segments.
 
+    ``compute/train_images_per_s`` is logged every ``trainer.log_every_n_steps``.
+
     Args:
         global_batch_size: images per optimizer step over all processes (``dataset.batch_size``).
-        log_every_n_steps: log ``compute/train_images_per_s`` this often (0: never; the trainer's by default).
     """
 
-    def __init__(self, global_batch_size: int, log_every_n_steps: int | None = None):
+    def __init__(self, global_batch_size: int):
         self.global_batch_size = int(global_batch_size)
-        self.log_every_n_steps = log_every_n_steps
         self.train_time_s = 0.0  # training intervals only, over every segment of the run
         self.train_images = 0
         self._last_start: float | None = None
@@ -148,7 +148,7 @@ class ComputeMonitor(L.Callback):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        every = trainer.log_every_n_steps if self.log_every_n_steps is None else self.log_every_n_steps
+        every = trainer.log_every_n_steps
         if every and trainer.global_step % every == 0 and self.train_time_s > 0:
             pl_module.log("compute/train_images_per_s", self.images_per_s, on_step=True, on_epoch=False)
 
