@@ -16,15 +16,15 @@ $(STAMP): pyproject.toml
 	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install --quiet -e '.[test]'
 	@touch $(STAMP)
 
-demo: install  ## distil a student from an (auto-trained, cached) teacher on the synthetic dataset
-	$(PY) -m rdd_lightning.train task_name=demo
-	$(PY) -m rdd_lightning.report --latest logs/demo/runs
+demo: install  ## the synthetic data's student without distillation, with KD and with RDD, from its (auto-trained, cached) teacher
+	$(PY) -m rdd_lightning.train experiment=demo
+	$(PY) -m rdd_lightning.report "$$(ls -d logs/demo/multiruns/* | tail -n 1)"
 
 table: install  ## the seeded synthetic accuracy table: 9 methods x 3 seeds (~45 min on 2 cores), then its report
 	$(PY) -m rdd_lightning.train experiment=synthetic_table
 	$(PY) -m rdd_lightning.report "$$(ls -d logs/synthetic_table/multiruns/* | tail -n 1)" --format markdown
 
-teacher-strength: install  ## RDD - KD against teacher strength (3 teachers x kd/rdd xor/rdd or x 3 seeds; resumable)
+teacher-strength: install  ## RDD - KD against teacher strength (4 teachers x kd/rdd xor/rdd or x 3 seeds, + threshold/min_kept; ~1.5 h on 2 cores; resumable)
 	$(PY) benchmarks/teacher_strength.py
 
 test: install  ## the whole test suite (CPU, tiny data; what CI runs)

@@ -3,8 +3,9 @@ increasing strength, on the synthetic data.
 
 Usage::
 
-    python benchmarks/teacher_strength.py [--teacher-steps 150 400 1600] [--seeds 1 2 3] [--root DIR]
-        [--plot docs/teacher_strength.png] [--no-sensitivity] [--dry-run]
+    python benchmarks/teacher_strength.py [--teacher-steps 150 400 1600 3200] [--seeds 1 2 3] [--root DIR]
+        [--plot docs/teacher_strength.png] [--no-sensitivity] [--report-only] [--dry-run]
+        [--override KEY=VALUE ...] [--teacher-override KEY=VALUE ...]
 
 Teachers: the demo's auto-teacher (DeepLabV3-ResNet34, ``experiment=synthetic_teacher``) trained for each of
 ``--teacher-steps`` iterations (400 is the demo's own, cached teacher; the others are trained once and cached the
@@ -13,7 +14,10 @@ recipe of 200 iterations). Runs per teacher and seed: ``distillation=kd``, ``dis
 default) and ``distillation=rdd distillation.tse.mode=or``; once, without a teacher, ``distillation=none`` (the
 student's own mIoU, to which the teacher - student gap refers). At the weakest and the strongest teacher also RDD
 with ``distillation.tse.threshold`` 0.6 and 0.8 and ``distillation.tse.min_kept`` 1000 and 10000 (the demo's
-defaults: 0.7 and 3000), unless ``--no-sensitivity``.
+defaults: 0.7 and 3000), unless ``--no-sensitivity``; the report also shows such runs of any other teacher of
+``--teacher-steps`` found under ``--root`` (an earlier study's strongest, say).
+
+Time on 2 idle CPU cores: ~50 s a student run, 63 runs, plus the teachers once (~20 min together), ~1.5 h.
 
 Every job is an ordinary run of ``python -m rdd_lightning.train`` (a multirun over the seeds still missing) in
 ``<root>/<group>/attempt<n>/seed<seed>/``; a finished job (its ``results.json``) is never run again, so the
@@ -55,26 +59,27 @@ SENSITIVITY = {
 QUIET = ["trainer.enable_progress_bar=false", "~callbacks.difficulty_maps"]
 
 
-def teacher_overrides(steps: int) -> list[str]:
-    """The overrides that select the auto-teacher trained for ``steps`` iterations."""
-    if steps == DEMO_TEACHER_STEPS:
+def teacher_overrides(steps: int, extra: list[str] = ()) -> list[str]:
+    """The overrides that select the auto-teacher trained for ``steps`` iterations (``extra``: more overrides of
+    the teacher's training command)."""
+    if steps == DEMO_TEACHER_STEPS and not extra:
         return []  # the demo's cached teacher (its cache key has no extra overrides)
-    return [
-        f"teacher.auto_overrides=['trainer.max_steps={steps}','trainer.val_check_interval={min(steps, 200)}']"
-    ]
+    recipe = [f"trainer.max_steps={steps}", f"trainer.val_check_interval={min(steps, 200)}", *extra]
+    return ["teacher.auto_overrides=[" + ",".join(f"'{o}'" for o in recipe) + "]"]
 
 
-def plan(teacher_steps: list[int], sensitivity: bool) -> list[tuple[str, int | None, list[str]]]:
-    """``(group, teacher steps or None, overrides)`` of every group, in the order they run."""
+def plan(
+    teacher_steps: list[int], sensitivity_steps: list[int], teacher_extra: list[str] = ()
+) -> list[tuple[str, int | None, list[str]]]:
+    """``(group, teacher steps or None, overrides)`` of every group, in the order they run: the student alone,
+    kd / rdd_xor / rdd_or per teacher, then the threshold / min_kept runs at each of ``sensitivity_steps``."""
     groups: list[tuple[str, int | None, list[str]]] = [("none", None, ["distillation=none"])]
     for steps in teacher_steps:
-        groups += [(f"T{steps}_{name}", steps, [*o, *teacher_overrides(steps)]) for name, o in MAIN.items()]
-    if sensitivity:
-        for steps in sorted({min(teacher_steps), max(teacher_steps)}):
-            groups += [
-                (f"T{steps}_{name}", steps, [*o, *teacher_overrides(steps)])
-                for name, o in SENSITIVITY.items()
-            ]
+        teacher = teacher_overrides(steps, teacher_extra)
+        groups += [(f"T{steps}_{name}", steps, [*o, *teacher]) for name, o in MAIN.items()]
+    for steps in sensitivity_steps:
+        teacher = teacher_overrides(steps, teacher_extra)
+        groups += [(f"T{steps}_{name}", steps, [*o, *teacher]) for name, o in SENSITIVITY.items()]
     return groups
 
 
@@ -86,7 +91,9 @@ def finished(root: Path, group: str) -> dict[int, Path]:
     return done
 
 
-def run_group(root: Path, group: str, overrides: list[str], seeds: list[int], dry_run: bool) -> None:
+def run_group(
+    root: Path, group: str, overrides: list[str], seeds: list[int], dry_run: bool, extra: list[str] = ()
+) -> None:
     """Run the seeds of ``group`` that have no ``results.json`` yet, as one multirun in a new attempt folder
     (``<root>/<group>/attempt<n>/seed<seed>``: a sweep directory is never reused; an unfinished job stays)."""
     done = finished(root, group)
@@ -95,7 +102,7 @@ def run_group(root: Path, group: str, overrides: list[str], seeds: list[int], dr
         return
     attempt = root / group / f"attempt{len(list((root / group).glob('attempt*')))}"
     command = [
-        sys.executable, "-m", "rdd_lightning.train", "-m", *overrides, *QUIET, "task_name=teacher_strength",
+        sys.executable, "-m", "rdd_lightning.train", "-m", *overrides, *QUIET, *extra, "task_name=teacher_strength",
         f"seed={','.join(map(str, missing))}", f"hydra.sweep.dir={attempt}", "hydra.sweep.subdir=seed${seed}",
     ]  # fmt: skip
     print(f"[{time.strftime('%H:%M:%S')}] {group}: seeds {missing}", flush=True)
@@ -160,13 +167,14 @@ def summarise(root: Path, groups: list[tuple[str, int | None, list[str]]]) -> di
             "tse": {k: statistics.fmean(f[k] for f in fractions) for k in fractions[0]} if fractions else None,
         })  # fmt: skip
     by_group = {r["group"]: r for r in rows}
-    for r in rows:  # RDD - KD per seed, same teacher
-        kd = by_group.get(f"T{r['teacher_steps']}_kd")
-        if kd is None or r["method"] == "kd":
-            continue
-        diffs = [r["mious"][s] - kd["mious"][s] for s in r["mious"] if s in kd["mious"]]
-        r["minus_kd_mean"], r["minus_kd_std"] = mean_std(diffs)
-        r["minus_kd_n"] = len(diffs)
+    for r in rows:  # per seed (the same seed: the same data order and initialisation), the same teacher
+        for name, ref in (("kd", "kd"), ("default", "rdd_xor")):
+            other = by_group.get(f"T{r['teacher_steps']}_{ref}")
+            if other is None or r["method"] == ref or (ref == "rdd_xor" and r["method"] in MAIN):
+                continue  # - KD for every method; - RDD (its defaults) for the threshold / min_kept runs
+            diffs = [r["mious"][s] - other["mious"][s] for s in r["mious"] if s in other["mious"]]
+            r[f"minus_{name}_mean"], r[f"minus_{name}_std"] = mean_std(diffs)
+            r[f"minus_{name}_n"] = len(diffs)
     return {"student_alone": {"mean": base_mean, "std": base_std, "n": len(baseline)}, "rows": rows}
 
 
@@ -178,26 +186,42 @@ def fmt(mean: float | None, std: float | None, signed: bool = False) -> str:
 
 
 def markdown(summary: dict) -> str:
+    """Two tables: kd / rdd_xor / rdd_or per teacher, then the threshold / min_kept runs of RDD (XOR)."""
     alone = summary["student_alone"]
+    main_rows = [r for r in summary["rows"] if r["method"] in MAIN]
+    other_rows = [r for r in summary["rows"] if r["method"] not in MAIN]
+
+    def teacher_cells(r: dict) -> str:
+        gap = "–" if alone["mean"] is None else f"{r['teacher_miou'] - alone['mean']:+.2f}"
+        return (
+            f"| {r['teacher_steps']} | {r['teacher_miou']:.2f} | {gap} | {r['method']} | {r['n']} "
+            f"| {fmt(r['miou_mean'], r['miou_std'])} | {fmt(r.get('minus_kd_mean'), r.get('minus_kd_std'), True)} "
+        )
+
+    def tse_cells(r: dict) -> str:
+        tse = r["tse"]
+        keys = ("student_hard", "teacher_hard", "both_hard", "selected")
+        return "| " + " | ".join("–" if tse is None else f"{tse[k]:.1%}" for k in keys) + " |"
+
     lines = [
         f"Student alone (distillation=none): {fmt(alone['mean'], alone['std'])} (n={alone['n']})",
         "",
         "| teacher (steps) | teacher mIoU | gap to student | method | n | student mIoU | − KD (paired) "
         "| TSE: student hard | teacher hard | both hard | selected |",
         "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        *(teacher_cells(r) + tse_cells(r) for r in main_rows),
     ]
-    for r in summary["rows"]:
-        gap = r["teacher_miou"] - alone["mean"] if alone["mean"] is not None else None
-        tse = r["tse"]
-        cells = ["–"] * 4 if tse is None else [f"{tse[k]:.1%}" for k in ("student_hard", "teacher_hard",
-                                                                           "both_hard", "selected")]  # fmt: skip
-        lines.append(
-            f"| {r['teacher_steps']} | {r['teacher_miou']:.2f} | {'–' if gap is None else f'{gap:+.2f}'} "
-            f"| {r['method']} | {r['n']} | {fmt(r['miou_mean'], r['miou_std'])} "
-            f"| {fmt(r.get('minus_kd_mean'), r.get('minus_kd_std'), signed=True)} | "
-            + " | ".join(cells)
-            + " |"
-        )
+    if other_rows:
+        lines += [
+            "",
+            "RDD (XOR) with another TSE threshold or min_kept (defaults 0.7 and the dataset's min_kept):",
+            "",
+            "| teacher (steps) | teacher mIoU | gap to student | setting | n | student mIoU | − KD (paired) "
+            "| − RDD defaults (paired) | TSE: student hard | teacher hard | both hard | selected |",
+            "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            *(teacher_cells(r) + f"| {fmt(r.get('minus_default_mean'), r.get('minus_default_std'), True)} "
+              + tse_cells(r) for r in sorted(other_rows, key=lambda r: (r["teacher_steps"], r["method"]))),
+        ]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -217,38 +241,57 @@ def plot(summary: dict, out: Path) -> None:
         err = [r["minus_kd_std"] or 0.0 for r in rows]
         ax.errorbar(x, y, yerr=err, color=colour, marker=marker, capsize=4,
                     label=f"RDD ({method.split('_')[1].upper()}) − KD")  # fmt: skip
-        for xi, yi, r in zip(x, y, rows, strict=True):
-            ax.annotate(
-                f"T{r['teacher_steps']}", (xi, yi), textcoords="offset points", xytext=(5, 5), fontsize=8
-            )
+        if method == "rdd_xor":  # one label per teacher (both curves share the x of each teacher)
+            for xi, yi, r in zip(x, y, rows, strict=True):
+                ax.annotate(f"{r['teacher_steps']} it., {r['teacher_miou']:.1f}", (xi, yi),
+                            textcoords="offset points", xytext=(6, -12), fontsize=8)  # fmt: skip
     ax.axhline(0.0, color="grey", linewidth=1)
-    ax.set_xlabel("teacher − student mIoU gap (student trained alone)")
-    ax.set_ylabel("student mIoU: RDD − KD (same seeds)")
+    ax.margins(x=0.15)
+    ax.set_xlabel(
+        "teacher − student mIoU gap (student trained alone)\npoint labels: teacher iterations, teacher mIoU"
+    )
+    ax.set_ylabel("student mIoU: RDD − KD (paired seeds, mean ± std)")
     ax.set_title("Synthetic data: does RDD beat KD as the teacher gets stronger?")
-    ax.legend()
+    ax.legend(loc="center left")
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--teacher-steps", type=int, nargs="+", default=[150, 400, 1600])
+    parser.add_argument("--teacher-steps", type=int, nargs="+", default=[150, 400, 1600, 3200])
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--root", type=Path, default=Path("logs/teacher_strength"))
     parser.add_argument("--plot", type=Path, default=Path("docs/teacher_strength.png"))
     parser.add_argument("--no-sensitivity", action="store_true", help="skip the threshold / min_kept runs")
+    parser.add_argument(
+        "--override",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="more overrides of every student run (e.g. a smaller recipe)",
+    )
+    parser.add_argument(
+        "--teacher-override",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="more overrides of every teacher's training command",
+    )
     parser.add_argument("--report-only", action="store_true", help="train nothing; report what has finished")
     parser.add_argument("--dry-run", action="store_true", help="print the commands only")
     args = parser.parse_args()
     root = args.root.resolve()
-    groups = plan(args.teacher_steps, not args.no_sensitivity)
+    extremes = [] if args.no_sensitivity else sorted({min(args.teacher_steps), max(args.teacher_steps)})
+    groups = plan(args.teacher_steps, extremes, args.teacher_override)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     if not args.report_only:
         for group, _, overrides in groups:
-            run_group(root, group, overrides, args.seeds, args.dry_run)
+            run_group(root, group, overrides, args.seeds, args.dry_run, args.override)
     if args.dry_run:
         return
-    summary = summarise(root, groups)
+    # the threshold / min_kept runs of every teacher that has them (an earlier study's extremes too)
+    summary = summarise(root, plan(args.teacher_steps, args.teacher_steps))
     text = markdown(summary)
     print(text)
     (root / "teacher_strength.md").write_text(text + "\n")

@@ -26,7 +26,7 @@ from tests.conftest import TINY, cli_env, compose_train_cfg, train_once
 PAPER = ["ade20k", "camvid", "cityscapes", "integrations", "mask_modes", "tfe_share", "thresholds", "voc"]
 TWINS = [f"synthetic_{name}" for name in PAPER]
 SWEEPS = PAPER + TWINS
-STUDIES = ["synthetic_table"]  # the package's own evidence (no paper counterpart)
+STUDIES = ["synthetic_table", "demo"]  # the package's own evidence and `make demo` (no paper counterpart)
 
 #: jobs of each sweep: seeds x students x methods, or seeds x ablation values
 JOBS = {"cityscapes": 72, "camvid": 12, "voc": 12, "ade20k": 6, "tfe_share": 15, "mask_modes": 12,
@@ -108,6 +108,7 @@ TWIN_JOB = {
     "synthetic_thresholds": ["distillation.tse.threshold=0.65", "seed=1"],
     "synthetic_integrations": ["distillation=cirkd_rdd", "seed=1"],
     "synthetic_table": ["distillation=dsd_rdd", "seed=3"],
+    "demo": ["distillation=rdd"],
 }
 SMALL_MEMORY = ["distillation.terms.cirkd_memory.pixel_memory_size=500",
                 "distillation.terms.cirkd_memory.region_memory_size=50"]  # fmt: skip
@@ -154,6 +155,24 @@ def experiment_names() -> list[str]:
 # -------------------------------------------------------------------------------------- the files themselves
 def test_the_experiments_are_exactly_these():
     assert experiment_names() == sorted([*SWEEPS, *STUDIES, "synthetic_teacher"])
+
+
+@pytest.mark.parametrize("method", ["none", "kd", "rdd"])
+def test_the_demo_jobs_are_seed_1_of_the_table(method):
+    """`make demo` (experiment=demo) runs none, kd and rdd with seed 1: each job is the table's seed-1 job of the
+    same method, key for key (only the run's name and tags differ), so the demo prints the table's seed-1 numbers."""
+    demo, table = compose_with_hydra("experiment=demo"), compose_with_hydra("experiment=synthetic_table")
+    assert demo.hydra.mode == RunMode.MULTIRUN and axes(demo) == {"distillation": ["none", "kd", "rdd"]}
+    assert "1" in axes(table)["seed"] and method in axes(table)["distillation"]
+
+    def job(*overrides: str) -> dict:
+        cfg = OmegaConf.to_container(compose_with_hydra(*overrides))
+        return {k: v for k, v in cfg.items() if k not in ("hydra", "task_name", "tags")}
+
+    assert job("experiment=demo", f"distillation={method}") == job(
+        "experiment=synthetic_table", f"distillation={method}", "seed=1"
+    )
+    assert job("experiment=demo", f"distillation={method}")["seed"] == 1
 
 
 @pytest.mark.parametrize("name", SWEEPS)
