@@ -42,7 +42,7 @@ import sys
 import time
 from pathlib import Path
 
-from rdd_lightning.report import read_metrics
+from rdd_lightning.report import load_results, markdown_table, read_metrics
 
 DEMO_TEACHER_STEPS = 400  # experiment=synthetic_teacher's trainer.max_steps: the cached demo teacher
 MAIN = {
@@ -114,7 +114,7 @@ def run_group(
 
 # ------------------------------------------------------------------------------------------------- analysis
 def load_group(root: Path, group: str) -> list[dict]:
-    return [json.loads(p.read_text()) for _, p in sorted(finished(root, group).items())]
+    return [load_results(p.parent) for _, p in sorted(finished(root, group).items())]
 
 
 def mean_std(values: list[float]) -> tuple[float | None, float | None]:
@@ -168,10 +168,13 @@ def summarise(root: Path, groups: list[tuple[str, int | None, list[str]]]) -> di
         })  # fmt: skip
     by_group = {r["group"]: r for r in rows}
     for r in rows:  # per seed (the same seed: the same data order and initialisation), the same teacher
-        for name, ref in (("kd", "kd"), ("default", "rdd_xor")):
+        # - KD for every method but KD; - RDD (its defaults) for the threshold / min_kept runs
+        references = [("kd", "kd")] if r["method"] != "kd" else []
+        references += [("default", "rdd_xor")] if r["method"] in SENSITIVITY else []
+        for name, ref in references:
             other = by_group.get(f"T{r['teacher_steps']}_{ref}")
-            if other is None or r["method"] == ref or (ref == "rdd_xor" and r["method"] in MAIN):
-                continue  # - KD for every method; - RDD (its defaults) for the threshold / min_kept runs
+            if other is None:
+                continue
             diffs = [r["mious"][s] - other["mious"][s] for s in r["mious"] if s in other["mious"]]
             r[f"minus_{name}_mean"], r[f"minus_{name}_std"] = mean_std(diffs)
             r[f"minus_{name}_n"] = len(diffs)
@@ -188,40 +191,44 @@ def fmt(mean: float | None, std: float | None, signed: bool = False) -> str:
 def markdown(summary: dict) -> str:
     """Two tables: kd / rdd_xor / rdd_or per teacher, then the threshold / min_kept runs of RDD (XOR)."""
     alone = summary["student_alone"]
-    main_rows = [r for r in summary["rows"] if r["method"] in MAIN]
-    other_rows = [r for r in summary["rows"] if r["method"] not in MAIN]
+    head = [
+        "teacher (steps)",
+        "teacher mIoU",
+        "gap to student",
+        "method",
+        "n",
+        "student mIoU",
+        "− KD (paired)",
+    ]
+    tse_head = ["TSE: student hard", "teacher hard", "both hard", "selected"]
 
-    def teacher_cells(r: dict) -> str:
+    def cells(r: dict, *middle: str) -> list[str]:
         gap = "–" if alone["mean"] is None else f"{r['teacher_miou'] - alone['mean']:+.2f}"
-        return (
-            f"| {r['teacher_steps']} | {r['teacher_miou']:.2f} | {gap} | {r['method']} | {r['n']} "
-            f"| {fmt(r['miou_mean'], r['miou_std'])} | {fmt(r.get('minus_kd_mean'), r.get('minus_kd_std'), True)} "
-        )
-
-    def tse_cells(r: dict) -> str:
         tse = r["tse"]
-        keys = ("student_hard", "teacher_hard", "both_hard", "selected")
-        return "| " + " | ".join("–" if tse is None else f"{tse[k]:.1%}" for k in keys) + " |"
+        return [
+            str(r["teacher_steps"]), f"{r['teacher_miou']:.2f}", gap, r["method"], str(r["n"]),
+            fmt(r["miou_mean"], r["miou_std"]), fmt(r.get("minus_kd_mean"), r.get("minus_kd_std"), True), *middle,
+            *("–" if tse is None else f"{tse[k]:.1%}" for k in ("student_hard", "teacher_hard", "both_hard",
+                                                              "selected")),
+        ]  # fmt: skip
 
+    main_rows = [cells(r) for r in summary["rows"] if r["method"] in MAIN]
     lines = [
         f"Student alone (distillation=none): {fmt(alone['mean'], alone['std'])} (n={alone['n']})",
         "",
-        "| teacher (steps) | teacher mIoU | gap to student | method | n | student mIoU | − KD (paired) "
-        "| TSE: student hard | teacher hard | both hard | selected |",
-        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
-        *(teacher_cells(r) + tse_cells(r) for r in main_rows),
+        markdown_table([*head, *tse_head], main_rows),
     ]
-    if other_rows:
+    other = sorted((r for r in summary["rows"] if r["method"] in SENSITIVITY),
+                   key=lambda r: (r["teacher_steps"], r["method"]))  # fmt: skip
+    if other:
+        head[3] = "setting"
+        rows = [cells(r, fmt(r.get("minus_default_mean"), r.get("minus_default_std"), True)) for r in other]
         lines += [
             "",
             "RDD (XOR) with another TSE threshold or min_kept (defaults 0.7 and the dataset's min_kept):",
             "",
-            "| teacher (steps) | teacher mIoU | gap to student | setting | n | student mIoU | − KD (paired) "
-            "| − RDD defaults (paired) | TSE: student hard | teacher hard | both hard | selected |",
-            "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-            *(teacher_cells(r) + f"| {fmt(r.get('minus_default_mean'), r.get('minus_default_std'), True)} "
-              + tse_cells(r) for r in sorted(other_rows, key=lambda r: (r["teacher_steps"], r["method"]))),
-        ]  # fmt: skip
+            markdown_table([*head, "− RDD defaults (paired)", *tse_head], rows),
+        ]
     return "\n".join(lines)
 
 
