@@ -5,17 +5,17 @@ A PATH is a run directory, a sweep directory (``logs/<task>/multiruns/<time>``),
 glob of those. Every job under it is found: a directory with ``results.json`` is a finished run; a Hydra job
 directory (``.hydra/``) without one is listed as incomplete or failed (never dropped silently).
 
-Grouping rule: finished training runs whose Hydra task overrides are equal once ``seed`` and the overrides
-that do not change the experiment are removed form one group (the seeds of one setting). Removed: ``seed``,
-bookkeeping (``task_name``, ``tags``, ``ckpt_path``, ``paths.*``, ``hydra.*``), logging and display
-(``logger*``, ``callbacks.progress_bar``, ``callbacks.difficulty_maps*``, ``trainer.enable_progress_bar``,
+Grouping rule: finished training runs whose Hydra task overrides are equal once ``seed`` and the overrides that do
+not change the experiment are removed form one group (the seeds of one setting). Removed: ``seed``, bookkeeping
+(``task_name``, ``tags``, ``ckpt_path``, ``paths.*``, ``hydra.*``), logging and display (``logger*``,
+``callbacks.progress_bar``, ``callbacks.difficulty_maps*``, ``trainer.enable_progress_bar``,
 ``trainer.enable_model_summary``, ``trainer.log_every_n_steps``) and placement (``trainer.accelerator``,
-``trainer.devices``, ``trainer.num_nodes``, ``dataset.num_workers``): see :data:`NOT_EXPERIMENT`. Each group shows the mean ±
-sample standard deviation (ddof=1) and the best of its runs' ``best_val_miou``, its teacher's mIoU
+``trainer.devices``, ``trainer.num_nodes``, ``dataset.num_workers``): see :data:`NOT_EXPERIMENT`. Each group shows
+the mean ± sample standard deviation (ddof=1) and the best of its runs' ``best_val_miou``, its teacher's mIoU
 (``teacher_val_miou``, else the teacher run's own ``results.json`` found by :func:`teacher_results`), the
-published number when the experiment's ``paper`` table has an entry matching the group, and its compute.
-A run of ``rdd_lightning.evaluate`` (``results.json`` with ``mIoU``) is listed in its own table.
-Nothing here parses logs, except the last error line of an incomplete job's log.
+published number when the experiment's ``paper`` table has an entry matching the group, and its compute. A run of
+``rdd_lightning.evaluate`` (``results.json`` with ``mIoU``) is listed in its own table. Nothing here parses logs,
+except the last error line of an incomplete job's log.
 """
 
 from __future__ import annotations
