@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -24,10 +23,18 @@ from rdd_lightning.callbacks import ComputeMonitor, RDDStageSwitch
 from rdd_lightning.data import SegmentationDataModule
 from rdd_lightning.distillation import DistillationObjective
 from rdd_lightning.errors import ConfigError, find_cause, find_config_error
-from rdd_lightning.models import SegmentationNet
+from rdd_lightning.models import SegmentationNet, to_sync_batchnorm
 from rdd_lightning.module import DistillationModule
 from rdd_lightning.resume import AtomicCheckpointIO, StepSeed
-from rdd_lightning.teacher import auto_teacher_checkpoint, load_teacher, train_teacher_command, weights_digest
+from rdd_lightning.teacher import (
+    auto_teacher_checkpoint,
+    check_normalization,
+    load_teacher,
+    normalization_record,
+    read_checkpoint,
+    train_teacher_command,
+    weights_digest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +143,7 @@ def apply_sync_batchnorm(cfg: DictConfig, trainer: L.Trainer, student: Segmentat
         log.info("trainer.sync_batchnorm=true needs GPUs: on %s each process keeps its own BatchNorm statistics",
                  type(trainer.accelerator).__name__)  # fmt: skip
         return student
-    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)
+    return to_sync_batchnorm(student)
 
 
 # ------------------------------------------------------------------------------------------------ networks
@@ -200,7 +207,9 @@ def build_teacher(
             f"teacher={teacher_choice} has teacher.aux_head=false"
         )
     cfg.teacher.checkpoint = str(checkpoint)
-    net = load_teacher(net, checkpoint)
+    contents = read_checkpoint(checkpoint)
+    check_normalization(contents, checkpoint, "teacher.checkpoint", datamodule.normalization)
+    net = load_teacher(net, checkpoint, checkpoint=contents, choice=teacher_choice)
     return net, {"checkpoint": str(Path(checkpoint).resolve()), "sha256": weights_digest(net)}
 
 
@@ -228,6 +237,7 @@ def build_module(
             "student_config": choices.get("student"),
             "class_names": datamodule.class_names,
             "network": network_spec(cfg.student),
+            "normalization": normalization_record(datamodule.normalization),
             "teacher": teacher_record,
         },
         inference=OmegaConf.to_container(cfg.inference, resolve=True) if cfg.get("inference") else None,

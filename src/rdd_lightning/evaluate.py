@@ -32,7 +32,7 @@ from rdd_lightning.inference import InferenceConfig
 from rdd_lightning.launch import ddp_job, track_children
 from rdd_lightning.module import DistillationModule
 from rdd_lightning.resume import run_state, write_json
-from rdd_lightning.teacher import read_checkpoint, rebuild_network
+from rdd_lightning.teacher import check_normalization, read_checkpoint, rebuild_network
 
 log = logging.getLogger("rdd_lightning.evaluate")
 
@@ -146,6 +146,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     datamodule = build_datamodule(cfg, stage=SPLITS[cfg.split])  # a missing dataset fails before the network
     check_classes(ckpt_path, metadata, datamodule)
+    check_normalization(checkpoint, ckpt_path, "ckpt_path", datamodule.normalization)
     net = rebuild_network(ckpt_path, checkpoint, cfg.get("student"), datamodule.num_classes)
     module = DistillationModule(
         student=net,

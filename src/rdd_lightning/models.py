@@ -14,10 +14,14 @@ from typing import Any
 from urllib.parse import urlparse
 
 import segmentation_models_pytorch as smp
-import torch
 from torch import Tensor, nn
 
+from rdd_lightning import weight_formats
 from rdd_lightning.errors import ConfigError
+from rdd_lightning.pspnet import CIRKDPSPNet
+
+#: Architectures of this package that smp does not have, by ``arch`` name (built like smp's own).
+ARCHITECTURES: dict[str, type[nn.Module]] = {"CIRKDPSPNet": CIRKDPSPNet}
 
 
 @dataclass
@@ -59,13 +63,18 @@ class SegmentationNet(nn.Module):
     """An smp model (encoder, decoder, segmentation head) with an optional FCN auxiliary head.
 
     Args:
-        arch: smp architecture name (``DeepLabV3``, ``PSPNet``, ``Unet``, ... any of ``smp.create_model``).
-        encoder_name: smp encoder name (``resnet18``, ``resnet101``, ``mobilenet_v2``, ``tu-...``).
+        arch: smp architecture name (``DeepLabV3``, ``PSPNet``, ``Unet``, ... any of ``smp.create_model``) or
+            one of :data:`ARCHITECTURES` (``CIRKDPSPNet``: PSPNet with the original 3x3 bottleneck head).
+        encoder_name: smp encoder name (``resnet18``, ``resnet101``, ``mobilenet_v2``, ``tu-...``; the paper's
+            deep-stem ResNets are timm's: ``tu-resnet101s``, ``tu-resnet18`` with ``stem_type="deep"``).
         num_classes: number of output classes C.
         encoder_weights: ``None`` (random init), an smp weight name such as ``imagenet`` (must be in the local
             Hugging Face cache when offline) or a path to a local encoder state-dict file (``.pth``/``.pt``/
-            ``.safetensors``; torchvision ImageNet checkpoints load as they are).
+            ``.safetensors``; torchvision ImageNet checkpoints load as they are, and so do timm's and CIRKD's
+            ImageNet backbone files for the matching encoders, see :mod:`rdd_lightning.weight_formats`).
         aux_head: add the FCN auxiliary head on the encoder's second-to-last stage.
+        head_dropout: dropout between the decoder and the classifier (CIRKD's DeepLabV3 has 0.1 there; smp's
+            has none). :attr:`SegOutput.decoder_features` is taken after it, as CIRKD's distilled feature is.
         zero_init_residual: start every residual block of the encoder as the identity (the last BatchNorm
             of each block gets weight 0), which makes deep encoders trained from scratch learn much faster
             early on. Pretrained or checkpoint weights, loaded afterwards, replace it.
@@ -82,22 +91,21 @@ class SegmentationNet(nn.Module):
         aux_head: bool = True,
         in_channels: int = 3,
         zero_init_residual: bool = False,
+        head_dropout: float = 0.0,
         **arch_kwargs: Any,
     ):
         super().__init__()
         self.arch = arch
         self.encoder_name = encoder_name
         self.num_classes = num_classes
+        build = ARCHITECTURES.get(arch)
         try:
-            self.net = smp.create_model(
-                arch,
-                encoder_name=encoder_name,
-                encoder_weights=None,
-                in_channels=in_channels,
-                classes=num_classes,
-                **arch_kwargs,
-            )
-        except (KeyError, ValueError, TypeError) as err:
+            common = {"encoder_name": encoder_name, "in_channels": in_channels, "classes": num_classes}
+            if build is not None:
+                self.net = build(**common, encoder_weights=None, **arch_kwargs)
+            else:
+                self.net = smp.create_model(arch, **common, encoder_weights=None, **arch_kwargs)
+        except (KeyError, ValueError, TypeError, RuntimeError) as err:
             raise ConfigError(
                 f"cannot build smp model arch={arch!r} encoder_name={encoder_name!r} with {arch_kwargs}: {err}"
             ) from err
@@ -105,6 +113,7 @@ class SegmentationNet(nn.Module):
             zero_init_residual_blocks(self.net.encoder, encoder_name)
         if encoder_weights is not None:
             load_encoder_weights(self.net.encoder, encoder_name, encoder_weights)
+        self.head_dropout = nn.Dropout(head_dropout) if head_dropout > 0 else None
         self.aux_head = FCNHead(self.net.encoder.out_channels[-2], num_classes) if aux_head else None
 
     @property
@@ -117,6 +126,8 @@ class SegmentationNet(nn.Module):
         self.net.check_input_shape(x)
         features = self.net.encoder(x)
         decoded = self.net.decoder(features)
+        if self.head_dropout is not None:
+            decoded = self.head_dropout(decoded)
         logits = self.net.segmentation_head(decoded)
         aux = self.aux_head(features[-2]) if self.aux_head is not None else None
         return SegOutput(logits=logits, aux_logits=aux, features=features, decoder_features=decoded)
@@ -145,33 +156,46 @@ def build_model(
     encoder_weights: str | None = None,
     aux_head: bool = True,
     zero_init_residual: bool = False,
+    head_dropout: float = 0.0,
     **arch_kwargs: Any,
 ) -> SegmentationNet:
     """Factory used by the ``student``/``teacher`` configs (``_target_: rdd_lightning.models.build_model``)."""
     return SegmentationNet(
-        arch, encoder_name, num_classes, encoder_weights, aux_head, zero_init_residual=zero_init_residual,
+        arch,
+        encoder_name,
+        num_classes,
+        encoder_weights,
+        aux_head,
+        zero_init_residual=zero_init_residual,
+        head_dropout=head_dropout,
         **arch_kwargs,
-    )  # fmt: skip
+    )
 
 
 def zero_init_residual_blocks(encoder: nn.Module, encoder_name: str) -> int:
     """Zero the weight of the last BatchNorm of every residual block, so each block starts as the identity.
 
-    Covers torchvision-style ResNet/ResNeXt blocks (``BasicBlock.bn2``, ``Bottleneck.bn3``) and MobileNetV2
-    inverted residuals with a skip connection, the encoders smp builds from torchvision. Returns the number
-    of blocks changed; an encoder without such blocks raises a :class:`ConfigError`.
+    Covers the ResNet/ResNeXt blocks of torchvision and timm (``BasicBlock.bn2``, ``Bottleneck.bn3``) and the
+    MobileNetV2 inverted residuals with a skip connection of both, the encoders smp builds (``tu-`` ones
+    included). Returns the number of blocks changed; an encoder without such blocks raises a
+    :class:`ConfigError`.
     """
+    from timm.models._efficientnet_blocks import InvertedResidual as TimmInvertedResidual
+    from timm.models.resnet import BasicBlock as TimmBasicBlock
+    from timm.models.resnet import Bottleneck as TimmBottleneck
     from torchvision.models.mobilenetv2 import InvertedResidual
     from torchvision.models.resnet import BasicBlock, Bottleneck
 
     changed = 0
     for module in encoder.modules():
-        if isinstance(module, BasicBlock):
+        if isinstance(module, BasicBlock | TimmBasicBlock):
             bn = module.bn2
-        elif isinstance(module, Bottleneck):
+        elif isinstance(module, Bottleneck | TimmBottleneck):
             bn = module.bn3
         elif isinstance(module, InvertedResidual) and module.use_res_connect:
             bn = module.conv[-1]
+        elif isinstance(module, TimmInvertedResidual) and module.has_skip:
+            bn = module.bn3
         else:
             continue
         if isinstance(bn, nn.BatchNorm2d):
@@ -185,13 +209,27 @@ def zero_init_residual_blocks(encoder: nn.Module, encoder_name: str) -> int:
     return changed
 
 
+def to_sync_batchnorm(net: nn.Module) -> nn.Module:
+    """``net`` with every BatchNorm synchronised across processes. timm's fused BatchNorm + activation layers
+    (MobileNetV2's ``BatchNormAct2d``) become timm's ``SyncBatchNormAct``: torch's converter would turn them into
+    plain ``SyncBatchNorm`` and silently drop their activation."""
+    from timm.layers import convert_sync_batchnorm
+
+    return convert_sync_batchnorm(net)
+
+
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
 # --------------------------------------------------------------------------------------- encoder weights
 def load_encoder_weights(encoder: nn.Module, encoder_name: str, weights: str) -> None:
-    """Load ``weights`` (a local file or an smp weight name) into ``encoder``, failing fast when offline."""
+    """Load ``weights`` (a local file or an smp weight name) into ``encoder``, failing fast when offline.
+
+    A file may be in the encoder's own layout, timm's, or CIRKD's ImageNet-backbone layout
+    (:func:`rdd_lightning.weight_formats.encoder_state`); it must hold every tensor of the encoder (an ImageNet
+    classifier is dropped), else a :class:`ConfigError` names the first missing / unexpected / mismatched keys.
+    """
     path = Path(os.path.expanduser(str(weights)))
     if path.suffix in {".pth", ".pt", ".bin", ".safetensors"} or path.exists():
         if not path.is_file():
@@ -199,30 +237,21 @@ def load_encoder_weights(encoder: nn.Module, encoder_name: str, weights: str) ->
                 f"encoder_weights={weights!r}: file not found. Pass an existing encoder state-dict file "
                 f"(.pth/.pt/.safetensors), an smp weight name such as 'imagenet', or null for random init."
             )
-        state = _read_state_dict(path)
         try:
-            encoder.load_state_dict(state)
-        except RuntimeError as err:
+            state = weight_formats.unwrap_state_dict(weight_formats.read_weights(path))
+            encoder.load_state_dict(weight_formats.encoder_state(state, encoder))
+        except weight_formats.WeightMismatch as err:
             raise ConfigError(
-                f"encoder_weights={str(path)!r} does not fit encoder {encoder_name!r}: {str(err)[:400]}"
+                f"encoder_weights={str(path)!r} does not fit encoder {encoder_name!r} ({err}); pass the backbone "
+                f"file of this encoder, or choose the network the file was made for"
             ) from err
+        except (RuntimeError, OSError, ValueError) as err:  # unreadable or not a weight file
+            raise ConfigError(f"encoder_weights={str(path)!r}: cannot read it as weights: {err}") from err
         return
     weights_path = _resolve_smp_weights(encoder_name, str(weights))
     from safetensors.torch import load_file
 
     encoder.load_state_dict(load_file(weights_path, device="cpu"))
-
-
-def _read_state_dict(path: Path) -> dict[str, Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path), device="cpu")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-            state = state[key]
-    return state
 
 
 def _resolve_smp_weights(encoder_name: str, weights: str) -> str:

@@ -1,4 +1,4 @@
-"""Loading a frozen teacher from a checkpoint of this package, and the synthetic dataset's auto-teacher."""
+"""Loading a frozen teacher (a checkpoint of this package or a CIRKD file), and the synthetic dataset's auto-teacher."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from filelock import FileLock
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from rdd_lightning import weight_formats
+from rdd_lightning.data.transforms import NORMALIZATIONS, Normalization
 from rdd_lightning.errors import ConfigError
 from rdd_lightning.launch import clean_environment, wait_for
 from rdd_lightning.models import SegmentationNet, build_model
@@ -42,11 +44,17 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def network_state_dict(checkpoint: dict[str, Any], prefix: str = "student.") -> dict[str, torch.Tensor]:
-    """The trained network's weights from a Lightning checkpoint of this package (or a bare state dict)."""
-    state = checkpoint.get("state_dict", checkpoint)
+    """The trained network's weights from a Lightning checkpoint of this package, or the file's state dict
+    itself (a bare state dict of this package's or CIRKD's layout; see :mod:`rdd_lightning.weight_formats`)."""
+    state = weight_formats.unwrap_state_dict(checkpoint)
     if any(k.startswith(prefix) for k in state):
         return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     return state
+
+
+def is_cirkd_checkpoint(checkpoint: dict[str, Any]) -> bool:
+    """The file is a whole CIRKD network (its keys say so; CIRKD's files carry no metadata)."""
+    return weight_formats.is_cirkd_network_state(network_state_dict(checkpoint))
 
 
 def load_teacher(
@@ -56,15 +64,20 @@ def load_teacher(
     config_hint: str = "teacher",
     checkpoint_key: str | None = None,
     checkpoint: dict[str, Any] | None = None,
+    choice: str | None = None,
 ) -> SegmentationNet:
     """Load ``checkpoint_path`` into ``net`` after checking architecture and class count; return it frozen.
 
     A checkpoint written by this package records the trained network's description; a mismatch with the
     ``config_hint`` config raises a :class:`ConfigError` naming both (and the key ``checkpoint_key``, default
-    ``<config_hint>.checkpoint``, that gave the file). Bare state dicts are loaded strictly. A caller that
+    ``<config_hint>.checkpoint``, that gave the file). Bare state dicts (this package's or CIRKD's layout, with
+    or without DDP's ``module.`` prefix) are loaded strictly: a file that does not fit raises a one-line
+    :class:`ConfigError` naming the file, the config (``<config_hint>=<choice>`` when the option is known) and the
+    first missing, unexpected and mismatched tensors, with the config a CIRKD file was made for. A caller that
     has already read the file passes its contents as ``checkpoint`` so it is not read twice.
     """
     key = checkpoint_key or f"{config_hint}.checkpoint"
+    config = f"{config_hint}={choice}" if choice else f"the {config_hint} config"
     if checkpoint is None:
         checkpoint = read_checkpoint(checkpoint_path)
     recorded = (checkpoint.get("rdd_lightning") or {}).get("student")
@@ -74,18 +87,76 @@ def load_teacher(
         if diffs:
             detail = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diffs.items())
             raise ConfigError(
-                f"{key}={str(checkpoint_path)!r} holds a different network than the "
-                f"{config_hint} config ({detail}). Choose the {config_hint} config that matches the checkpoint, "
-                f"or a checkpoint of this architecture."
+                f"{key}={str(checkpoint_path)!r} holds a different network than {config} ({detail}). Choose "
+                f"the {config_hint} config that matches the checkpoint, or a checkpoint of this architecture."
             )
+    state = network_state_dict(checkpoint)
     try:
-        net.load_state_dict(network_state_dict(checkpoint))
-    except RuntimeError as err:
+        net.load_state_dict(weight_formats.network_state(state, net))
+    except weight_formats.WeightMismatch as err:
+        made_for, classes = weight_formats.infer_cirkd_network(state)
+        hint = (
+            f"the file is CIRKD's {made_for} ({classes} classes): use {config_hint}={made_for}"
+            if made_for
+            else (f"choose the {config_hint} config the file was trained as")
+        )
         raise ConfigError(
-            f"{key}={str(checkpoint_path)!r} does not fit the {config_hint} config "
-            f"{expected}: {str(err)[:500]}"
+            f"{key}={str(checkpoint_path)!r} does not fit {config} ({expected['arch']} over "
+            f"{expected['encoder_name']!r}, {expected['num_classes']} classes; {err}); {hint}"
         ) from err
     return net.eval().requires_grad_(False)
+
+
+# ------------------------------------------------------------------------------------- input normalisation
+#: CIRKD trains and evaluates on BGR images minus the mean pixel, unscaled
+CIRKD_NORMALIZATION = NORMALIZATIONS["caffe"]
+
+
+def normalization_record(norm: Normalization) -> dict[str, Any]:
+    """How a network's inputs were normalised, as checkpoints record it (``rdd_lightning.normalization``)."""
+    return {"mean": [float(m) for m in norm.mean], "std": [float(s) for s in norm.std], "bgr": bool(norm.bgr)}
+
+
+def trained_normalization(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
+    """The input normalisation a checkpoint's network was trained with: recorded by this package, CIRKD's for a
+    CIRKD file, ``None`` when the file does not say (a checkpoint of an earlier version, a foreign state dict)."""
+    recorded = (checkpoint.get("rdd_lightning") or {}).get("normalization")
+    if recorded is not None:
+        return recorded
+    return normalization_record(CIRKD_NORMALIZATION) if is_cirkd_checkpoint(checkpoint) else None
+
+
+def _describe(record: dict[str, Any]) -> str:
+    for name, preset in NORMALIZATIONS.items():
+        if _same(record, normalization_record(preset)):
+            return name
+    return f"mean={record['mean']} std={record['std']} bgr={record['bgr']}"
+
+
+def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    close = lambda x, y: all(abs(float(p) - float(q)) <= 1e-6 for p, q in zip(x, y, strict=True))  # noqa: E731
+    return bool(a["bgr"]) == bool(b["bgr"]) and close(a["mean"], b["mean"]) and close(a["std"], b["std"])
+
+
+def check_normalization(
+    checkpoint: dict[str, Any], path: str | os.PathLike, key: str, dataset: Normalization
+) -> None:
+    """A network is only meaningful on inputs normalised as in its training: a :class:`ConfigError` naming
+    both normalisations and the fix when the checkpoint's (:func:`trained_normalization`) is not the dataset's."""
+    trained = trained_normalization(checkpoint)
+    current = normalization_record(dataset)
+    if trained is None or _same(trained, current):
+        return
+    want = _describe(trained)
+    fix = (
+        f"dataset.normalization={want}"
+        if want in NORMALIZATIONS
+        else f"dataset.normalization / mean / std ({want})"
+    )
+    raise ConfigError(
+        f"{key}={str(path)!r} was trained on inputs normalised as {want}, but the dataset normalises as "
+        f"{_describe(current)}; set {fix}"
+    )
 
 
 def auto_teacher_checkpoint(
@@ -170,11 +241,13 @@ def weights_digest(net: torch.nn.Module) -> str:
 
 # ------------------------------------------------------------------------------------------ any checkpoint
 def package_student_config(option: str) -> dict[str, Any]:
-    """The package's ``student/<option>`` config (for checkpoints that record only the option's name)."""
+    """The package's ``student/<option>`` config (for checkpoints that record only the option's name), without
+    encoder weights (the checkpoint has them; a weight file's path may name the run's root directory, which only
+    resolves inside a Hydra app)."""
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
-    overrides = [f"student={option}"]
+    overrides = [f"student={option}", "student.encoder_weights=null"]
     try:
         if GlobalHydra.instance().is_initialized():  # inside the Hydra app
             cfg = compose(config_name="evaluate", overrides=overrides)
@@ -196,15 +269,26 @@ def rebuild_network(
 
     Built from ``student_cfg`` when the user gave one (checked against the checkpoint's record: a mismatch
     raises a :class:`ConfigError` naming both), else from the network config the checkpoint records
-    (``metadata["network"]``), else from the package's ``student/<metadata["student_config"]>`` config.
+    (``metadata["network"]``), else from the package's ``student/<metadata["student_config"]>`` config, else,
+    for a CIRKD file, from the ``cirkd_*`` config its keys name.
     """
     metadata = checkpoint.get("rdd_lightning") or {}
+    choice = None
     if student_cfg is not None:
         net = instantiate(student_cfg, num_classes=num_classes, encoder_weights=None)
     elif metadata.get("network"):
         net = build_model(**{**metadata["network"], "num_classes": num_classes})
-    elif metadata.get("student_config"):
-        spec = package_student_config(metadata["student_config"])
+    elif metadata.get("student_config") or is_cirkd_checkpoint(checkpoint):
+        choice = (
+            metadata.get("student_config")
+            or weight_formats.infer_cirkd_network(network_state_dict(checkpoint))[0]
+        )
+        if choice is None:
+            raise ConfigError(
+                f"ckpt_path={str(ckpt_path)!r} is a CIRKD network the package has no config of; pass "
+                f"student=<the network's config>"
+            )
+        spec = package_student_config(choice)
         net = instantiate({**spec, "num_classes": num_classes, "encoder_weights": None})
     else:
         raise ConfigError(
@@ -213,7 +297,12 @@ def rebuild_network(
         )
     try:
         return load_teacher(
-            net, ckpt_path, config_hint="student", checkpoint_key="ckpt_path", checkpoint=checkpoint
+            net,
+            ckpt_path,
+            config_hint="student",
+            checkpoint_key="ckpt_path",
+            checkpoint=checkpoint,
+            choice=choice,
         )
     except ConfigError as err:
         if student_cfg is None:
