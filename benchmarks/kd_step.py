@@ -9,7 +9,7 @@ Usage::
 Setting: the paper's networks, DeepLabV3-ResNet18 student (128 decoder channels, aux head) and a frozen
 DeepLabV3-ResNet101 teacher (256 decoder channels, aux head), output stride 8, 19 classes, random weights;
 random images with blocky labels (about 5 % void). Each config's objective is built from its shipped yaml
-(composed with ``dataset=cityscapes``, so the dataset-level keys are Cityscapes': ``min_kept`` 100000, the
+(composed with ``dataset=cityscapes``, so the dataset-level keys are Cityscapes': ``min_kept_per_image`` 25000, the
 TSE class weights, CIRKD's memory weights) and gets its own copy of the student, its own modules (connectors,
 CIRKD memory, discriminator) and optimizers; the teacher is shared. RDD configs are measured in their TSE-RDD
 stage (90 % of a run; the ``tfe`` row is the first 10 %).

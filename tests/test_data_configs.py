@@ -14,12 +14,14 @@ from rdd_lightning.train import run
 from tests.conftest import TINY, compose_train_cfg
 from tests.test_data import CLASSES, WRITERS
 
-# RDD_SPEC's recipe: crop [h, w], iterations; all: SGD lr 0.02, wd 1e-4, global batch 16, min_kept 100000.
+# RDD_SPEC's recipe: crop [h, w], iterations, validation interval (Cityscapes: the authors' 1600; else a tenth
+# of the run); all: SGD lr 0.02, wd 1e-4, global batch 16, TSE min_kept 100000 per 4-image GPU batch = 25000 per
+# image.
 RECIPES = {
-    "camvid": ([360, 360], 40000),
-    "cityscapes": ([512, 1024], 40000),
-    "voc": ([512, 512], 40000),
-    "ade20k": ([512, 512], 80000),
+    "camvid": ([360, 360], 40000, 4000),
+    "cityscapes": ([512, 1024], 40000, 1600),
+    "voc": ([512, 512], 40000, 4000),
+    "ade20k": ([512, 512], 80000, 8000),
 }
 SEGNET_CAMVID_COLOURS = [[128, 128, 128], [128, 0, 0], [192, 192, 128], [128, 64, 128], [60, 40, 222],
                          [128, 128, 0], [192, 128, 128], [64, 64, 128], [64, 0, 128], [64, 64, 0], [0, 128, 192]]  # fmt: skip
@@ -30,11 +32,12 @@ def test_config_has_the_paper_recipe_and_the_dataset_metadata(tmp_path, name, mo
     monkeypatch.delenv("RDD_DATA_DIR", raising=False)
     cfg = compose_train_cfg(tmp_path, [f"dataset={name}"])
     ds, cls = cfg.dataset, CLASSES[name]
-    crop, steps = RECIPES[name]
+    crop, steps, interval = RECIPES[name]
     assert list(ds.crop_size) == crop and list(ds.scale_range) == [0.5, 2.0] and ds.hflip == 0.5
-    assert cfg.trainer.max_steps == steps and ds.recipe.val_check_interval == steps // 10
+    assert cfg.trainer.max_steps == steps and cfg.trainer.val_check_interval == interval
     assert cfg.optimizer.lr == 0.02 and cfg.optimizer.weight_decay == 1e-4 and cfg.scheduler.power == 0.9
-    assert ds.batch_size == 16 and cfg.distillation.tse.min_kept == 100000
+    assert ds.batch_size == 16 and cfg.distillation.tse.min_kept_per_image == 25000
+    assert cfg.distillation.tse.min_kept is None
     assert ds.normalization == "imagenet" and ds.mean is None and ds.std is None
     assert ds.root == str(tmp_path / "data" / name) and ds.ignore_index == 255
     assert ds.num_classes == cls.NUM_CLASSES == len(ds.class_names) == len(ds.palette)

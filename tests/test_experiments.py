@@ -34,10 +34,10 @@ JOBS = {"cityscapes": 72, "camvid": 12, "voc": 12, "ade20k": 6, "tfe_share": 15,
 
 # ------------------------------------------------------------------ RDD_SPEC "Published results", typed again
 _TABLE1 = {  # student: baseline, SKD, IFVD, CWD, CIRKD, RDD (Cityscapes val, T: DeepLabV3-R101 78.07)
-    "resnet18": [74.21, 75.42, 75.59, 75.55, 76.38, 77.18],
-    "resnet18_scratch": [65.17, 67.08, 65.96, 67.74, 68.18, 69.78],
-    "mobilenet_v2": [73.12, 73.82, 73.50, 74.66, 75.42, 76.38],
-    "pspnet_resnet18": [72.55, 73.29, 73.71, 74.36, 74.73, 75.88],
+    "cirkd_deeplabv3_resnet18": [74.21, 75.42, 75.59, 75.55, 76.38, 77.18],
+    "cirkd_deeplabv3_resnet18_scratch": [65.17, 67.08, 65.96, 67.74, 68.18, 69.78],
+    "cirkd_deeplabv3_mobilenetv2": [73.12, 73.82, 73.50, 74.66, 75.42, 76.38],
+    "cirkd_pspnet_resnet18": [72.55, 73.29, 73.71, 74.36, 74.73, 75.88],
 }
 _METHODS = ["none", "skd", "ifvd", "cwd", "cirkd", "rdd"]
 
@@ -59,9 +59,18 @@ PUBLISHED = {
     "cityscapes": (78.07, _pairs(_TABLE1, _METHODS)),
     "camvid": (
         69.84,
-        _pairs({"resnet18": [66.92, 68.55], "pspnet_resnet18": [66.73, 68.77]}, ["none", "rdd"]),
+        _pairs(
+            {"cirkd_deeplabv3_resnet18": [66.92, 68.55], "cirkd_pspnet_resnet18": [66.73, 68.77]},
+            ["none", "rdd"],
+        ),
     ),
-    "voc": (77.67, _pairs({"resnet18": [73.21, 74.88], "pspnet_resnet18": [73.33, 74.82]}, ["none", "rdd"])),
+    "voc": (
+        77.67,
+        _pairs(
+            {"cirkd_deeplabv3_resnet18": [73.21, 74.88], "cirkd_pspnet_resnet18": [73.33, 74.82]},
+            ["none", "rdd"],
+        ),
+    ),
     "ade20k": (42.70, _one("distillation", {"none": 36.52, "rdd": 38.04})),
     # TSE only = share 0, TFE only = share 1.0
     "tfe_share": (
@@ -99,9 +108,9 @@ PUBLISHED = {
 
 #: the combination of its axes each twin trains in test_twin_trains (cover the students and modes)
 TWIN_JOB = {
-    "synthetic_cityscapes": ["student=mobilenet_v2", "distillation=cwd", "seed=2"],
-    "synthetic_camvid": ["student=pspnet_resnet18", "distillation=rdd", "seed=1"],
-    "synthetic_voc": ["student=resnet18", "distillation=none", "seed=3"],
+    "synthetic_cityscapes": ["student=cirkd_deeplabv3_mobilenetv2", "distillation=cwd", "seed=2"],
+    "synthetic_camvid": ["student=cirkd_pspnet_resnet18", "distillation=rdd", "seed=1"],
+    "synthetic_voc": ["student=cirkd_deeplabv3_resnet18", "distillation=none", "seed=3"],
     "synthetic_ade20k": ["distillation=rdd", "seed=1"],
     "synthetic_tfe_share": ["distillation.switch.fraction=1.0", "seed=1"],
     "synthetic_mask_modes": ["distillation.tse.mode=and", "seed=1"],
@@ -252,9 +261,20 @@ def test_paper_experiment_has_the_paper_recipe(name, tmp_path):
     assert cfg.dataset.batch_size == 16 and cfg.optimizer.lr == 0.02 and cfg.optimizer.weight_decay == 1e-4
     assert cfg.trainer.max_steps == (80000 if name == "ade20k" else 40000)
     assert cfg.trainer.precision == "16-mixed" and cfg.trainer.devices == 1
-    assert cfg.teacher.encoder_name == "resnet101" and cfg.teacher.checkpoint is None  # the user gives it
-    assert cfg.student.encoder_weights == "imagenet"  # student=resnet18 (the scratch row is its own student)
-    assert cfg.dataset.name == (name if name in ("ade20k", "camvid", "voc") else "cityscapes")
+    dataset = name if name in ("ade20k", "camvid", "voc") else "cityscapes"
+    assert cfg.dataset.name == dataset
+    # the paper's setting: CIRKD's networks, their released teacher and ImageNet files, CIRKD's inputs
+    released = {"cityscapes": "citys", "camvid": "camvid", "voc": "voc", "ade20k": "ade20k"}[dataset]
+    assert cfg.teacher.encoder_name == "tu-resnet101s" and cfg.teacher.decoder_channels == 256
+    assert cfg.teacher.checkpoint == str(
+        tmp_path / "weights" / f"deeplabv3_resnet101_{released}_best_model.pth"
+    )
+    assert cfg.student.encoder_name == "tu-resnet18" and cfg.student.stem_type == "deep"
+    assert cfg.student.encoder_weights == str(tmp_path / "weights" / "resnet18-imagenet.pth")
+    assert cfg.dataset.normalization == "caffe" and cfg.distillation.tse.min_kept_per_image == 25000
+    # CamVid's published numbers are test-split numbers: it validates on test, and its paper block says so
+    assert cfg.dataset.val_split == cfg.paper.split == ("test" if name == "camvid" else "val")
+    assert cfg.trainer.val_check_interval == {"cityscapes": 1600, "ade20k": 8000}.get(dataset, 4000)
     ddp = compose_train_cfg(tmp_path, [f"experiment={name}", "trainer=ddp", "trainer.devices=4"])
     assert ddp.trainer.strategy == "ddp" and ddp.trainer.devices == 4  # the command line's trainer wins
 
@@ -263,7 +283,7 @@ def test_an_axis_on_the_command_line_replaces_the_files():
     """What the headers promise: `seed=1` (or `hydra.sweeper.params.seed=1`) restricts the sweep."""
     cfg = compose_with_hydra("experiment=cityscapes")
     assert len(jobs_of(cfg, "seed=1")) == 24
-    assert len(jobs_of(cfg, "seed=1", "student=resnet18", "distillation=none,rdd")) == 2
+    assert len(jobs_of(cfg, "seed=1", "student=cirkd_deeplabv3_resnet18", "distillation=none,rdd")) == 2
     restricted = compose_with_hydra("experiment=cityscapes", "hydra.sweeper.params.seed=1")
     assert len(jobs_of(restricted)) == 24
 

@@ -82,6 +82,23 @@ def test_minibatch_matches_loop_reference(tau):
     assert loss.item() == pytest.approx(ref_minibatch(fs, ft, tau), rel=1e-5)
 
 
+@pytest.mark.parametrize("chunk_rows", [1, 4, 7, 100])
+def test_minibatch_in_row_blocks_has_the_whole_terms_value_and_gradient(chunk_rows):
+    """chunk_rows (blocks of anchor pixels, recomputed in backward) against the unchunked term and the loop
+    reference, value and gradient; 4 and 7 do not divide N = 15, 100 is one block larger than N."""
+    g = torch.Generator().manual_seed(2)
+    fs = torch.randn(3, 4, 3, 5, generator=g, requires_grad=True)
+    ft = torch.randn(3, 6, 3, 5, generator=g)
+    whole = minibatch_pixel_relation_loss(fs, ft, chunk_rows=None)
+    (grad_whole,) = torch.autograd.grad(whole, fs)
+    blocks = minibatch_pixel_relation_loss(fs, ft, chunk_rows=chunk_rows)
+    (grad_blocks,) = torch.autograd.grad(blocks, fs)
+    assert blocks.item() == pytest.approx(ref_minibatch(fs.detach(), ft, 0.1), rel=1e-5)
+    assert blocks.item() == pytest.approx(whole.item(), rel=1e-6)
+    torch.testing.assert_close(grad_blocks, grad_whole, rtol=1e-5, atol=1e-7)
+    assert grad_whole.abs().sum() > 0
+
+
 def test_minibatch_pooling_and_resizing():
     g = torch.Generator().manual_seed(1)
     fs, ft = torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 3, 4, 4, generator=g)

@@ -7,17 +7,19 @@ import copy
 from typing import Any
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from rdd_lightning import rdd
 from rdd_lightning.callbacks import RDDStageSwitch
 from rdd_lightning.distillation import DEFAULT_SWITCH_FRACTION, DistillationObjective
 from rdd_lightning.errors import ConfigError
+from rdd_lightning.models import SegOutput
 from tests.test_train import run_cli
 
 NUM_CLASSES = 11  # the synthetic dataset's
 
-#: conf/distillation/rdd.yaml as the objective receives it (synthetic dataset: min_kept 3000, no weights).
+#: conf/distillation/rdd.yaml as the objective receives it (synthetic dataset: 375 per image, no weights).
 RDD_OPTIONS: dict[str, Any] = {
     "name": "rdd",
     "task": "rdd",
@@ -27,7 +29,7 @@ RDD_OPTIONS: dict[str, Any] = {
     "switch": {"fraction": None, "epoch": None, "step": None},
     "blend": "none",
     "tfe": {"kl_direction": "aux_to_main"},
-    "tse": {"mode": "xor", "threshold": 0.7, "min_kept": 3000, "confidence": "gt_prob",
+    "tse": {"mode": "xor", "threshold": 0.7, "min_kept_per_image": 375, "min_kept": None, "confidence": "gt_prob",
             "normalize": "selected", "class_weight": None},
 }  # fmt: skip
 
@@ -83,6 +85,8 @@ BAD = [
     ("tse.threshold", 70, "strictly between 0 and 1"),
     ("tse.min_kept", -1, "whole number >= 0"),
     ("tse.min_kept", 2.5, "whole number >= 0"),
+    ("tse.min_kept_per_image", -5, "whole number >= 0"),
+    ("tse.min_kept_per_image", 0.5, "whole number >= 0"),
     ("tse.confidence", "entropy", "gt_prob, max_prob"),
     ("tse.normalize", "mean", "selected, all_pixels"),
     ("tse.class_weight", "camvid", "a preset (cityscapes)"),
@@ -242,3 +246,30 @@ def test_cli_bad_option_is_one_line_without_traceback(tmp_path):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "distillation.tse.mode='nand'" in errors[0] and "xor" in errors[0]
     assert "Traceback" not in proc.stderr
+
+
+def _student_hard_fraction(objective: DistillationObjective, batch: int) -> float:
+    """TSE's student-hard fraction on ``batch`` 8x8 images whose every pixel is confidently right (q > 0.7),
+    so only the OHEM minimum selects pixels: exactly the ``min_kept`` least confident of the batch."""
+    generator = torch.Generator().manual_seed(batch)
+    target = torch.randint(0, NUM_CLASSES, (batch, 8, 8), generator=generator)
+    logits = torch.nn.functional.one_hot(target, NUM_CLASSES).permute(0, 3, 1, 2).float() * 10
+    logits = logits + torch.rand(logits.shape, generator=generator)  # distinct confidences, all > 0.99
+    heads = SegOutput(logits, None, []), SegOutput(logits.clone(), None, [])
+    return float(objective(*heads, target)["tse_student_hard_fraction"])
+
+
+def test_min_kept_per_image_selects_the_same_density_for_any_split_of_the_batch():
+    """The authors' 100000 per 4-image GPU batch: per image it is the same share of the pixels whether one
+    process holds 4 images or each of 2 processes holds 2 (an absolute min_kept halves it instead)."""
+    per_image = build(with_options(tse__min_kept_per_image=10, tse__min_kept=None, switch__step=0))
+    per_image.stage = 1  # TSE-RDD
+    assert _student_hard_fraction(per_image, 4) == pytest.approx(10 / 64)
+    assert _student_hard_fraction(per_image, 2) == pytest.approx(10 / 64)
+    absolute = build(with_options(tse__min_kept=20, switch__step=0))
+    absolute.stage = 1
+    assert _student_hard_fraction(absolute, 4) == pytest.approx(20 / 256)
+    assert _student_hard_fraction(absolute, 2) == pytest.approx(20 / 128)
+    # the paper's batches: one GPU x 16 images and 4 GPUs x 4 both keep 25000 hard pixels per image
+    paper = build(with_options(tse__min_kept_per_image=25000, tse__min_kept=None))
+    assert paper.tse_min_kept(16) == 400000 and paper.tse_min_kept(4) == 100000

@@ -95,7 +95,8 @@ class RDDOptions:
         (plain CE, KD, other methods) or ``None``. Keys the config leaves out keep :mod:`rdd`'s defaults."""
         if objective is None or getattr(objective, "task", "ce") not in ("tfe", "tse", "rdd"):
             return cls(ignore_index=ignore_index, from_run=False)
-        tse, tfe = dict(objective.tse_options), dict(objective.tfe_options)
+        # the maps are of one image: its share of a per-image minimum (an absolute min_kept as it is)
+        tse, tfe = objective.tse_loss_options(batch_size=1), dict(objective.tfe_options)
         keys = ("threshold", "min_kept", "mode", "confidence")
         return cls(
             **{k: tse[k] for k in keys if k in tse},

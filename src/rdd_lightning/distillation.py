@@ -51,7 +51,7 @@ TFE, TSE = 0, 1
 #: The keys each option group of the ``distillation`` config may hold.
 KD_KEYS = ("weight", "temperature")
 TFE_KEYS = ("kl_direction",)
-TSE_KEYS = ("mode", "threshold", "min_kept", "confidence", "normalize", "class_weight")
+TSE_KEYS = ("mode", "threshold", "min_kept", "min_kept_per_image", "confidence", "normalize", "class_weight")
 SWITCH_KEYS = ("fraction", "epoch", "step")
 TOP_KEYS = (
     "name",
@@ -116,6 +116,7 @@ TERMS: dict[str, dict[str, tuple[Any, Any]]] = {
         "temperature": (0.1, _POSITIVE),
         "pool_size": (1, _COUNT),
         "gather": (True, _FLAG),
+        "chunk_rows": (512, _COUNT),
     },
     "cirkd_memory": {
         "pixel_weight": (0.0, _WEIGHT),
@@ -261,9 +262,10 @@ def check_tfe_options(tfe: Mapping[str, Any] | None) -> dict[str, Any]:
 
 
 def check_tse_options(tse: Mapping[str, Any] | None, num_classes: int | None = None) -> dict[str, Any]:
-    """The checked ``distillation.tse`` options (keyword options of :func:`rdd.tse_task_loss`);
-    ``threshold`` becomes a float, ``min_kept`` an int, a ``class_weight`` list floats. Keys not given keep
-    the function's defaults. ``num_classes`` (``None``: unchecked) is the length a weight list must have."""
+    """The checked ``distillation.tse`` options (keyword options of :func:`rdd.tse_task_loss`, plus
+    ``min_kept_per_image``); ``threshold`` becomes a float, ``min_kept`` / ``min_kept_per_image`` ints (``None``
+    drops them), a ``class_weight`` list floats. Keys not given keep the function's defaults. ``num_classes``
+    (``None``: unchecked) is the length a weight list must have."""
     options = check_known_keys("distillation.tse", tse, TSE_KEYS)
     choices = {"mode": rdd.MASK_MODES, "confidence": rdd.CONFIDENCES, "normalize": rdd.NORMALIZATIONS}
     for key, allowed in choices.items():
@@ -274,11 +276,21 @@ def check_tse_options(tse: Mapping[str, Any] | None, num_classes: int | None = N
         options["threshold"] = check_number(
             "distillation.tse.threshold", options["threshold"], between, lambda x: 0.0 < x < 1.0
         )
-    if "min_kept" in options:
+    if options.get("min_kept") is None:
+        options.pop("min_kept", None)  # null: from min_kept_per_image (or rdd's default)
+    else:
         options["min_kept"] = check_count(
             "distillation.tse.min_kept",
             options["min_kept"],
-            " (hard pixels per head and batch; 0: no minimum)",
+            " (hard pixels per head and per-process batch, replacing min_kept_per_image; 0: no minimum), or null",
+        )
+    if options.get("min_kept_per_image") is None:
+        options.pop("min_kept_per_image", None)
+    else:
+        options["min_kept_per_image"] = check_count(
+            "distillation.tse.min_kept_per_image",
+            options["min_kept_per_image"],
+            " (hard pixels per head and image of the per-process batch; 0: no minimum), or null",
         )
     if "class_weight" in options:
         options["class_weight"] = check_class_weight(
@@ -370,7 +382,10 @@ class DistillationObjective:
             options are all 0 is off.
         tfe: keyword options of :func:`rdd_lightning.rdd.tfe_task_loss` (``kl_direction``).
         tse: keyword options of :func:`rdd_lightning.rdd.tse_task_loss` (``mode``, ``threshold``, ``min_kept``,
-            ``confidence``, ``normalize``, ``class_weight``).
+            ``confidence``, ``normalize``, ``class_weight``), and ``min_kept_per_image``: the OHEM minimum per
+            image, applied to each process's batch as ``min_kept_per_image x its images`` (so one GPU x 16
+            images and 4 GPUs x 4 select the same density) unless ``min_kept`` (an absolute count per
+            per-process batch) is given (:meth:`tse_min_kept`).
         switch: when ``task: rdd`` switches stage (used by the callback): at most one of
             ``fraction``/``epoch``/``step`` not ``None``; none given means ``fraction`` 0.1 (the paper's).
         blend: ``none`` (hard switch) or ``linear`` (λ·TFE + (1-λ)·TSE after the switch, λ from 1 to 0;
@@ -450,6 +465,24 @@ class DistillationObjective:
         # Stage state, driven by RDDStageSwitch for task "rdd"; fixed otherwise.
         self.stage = TSE if task == "tse" else TFE
         self.blend_lambda = 1.0
+
+    def tse_min_kept(self, batch_size: int) -> int | None:
+        """TSE's OHEM minimum of hard pixels for a per-process batch of ``batch_size`` images:
+        ``tse.min_kept`` when given, else ``tse.min_kept_per_image * batch_size``, else ``None`` (rdd's
+        default)."""
+        if "min_kept" in self.tse_options:
+            return int(self.tse_options["min_kept"])
+        per_image = self.tse_options.get("min_kept_per_image")
+        return None if per_image is None else int(per_image) * int(batch_size)
+
+    def tse_loss_options(self, batch_size: int) -> dict[str, Any]:
+        """The keyword options of :func:`rdd_lightning.rdd.tse_task_loss` for a per-process batch of
+        ``batch_size`` images (``min_kept`` resolved by :meth:`tse_min_kept`)."""
+        options = {k: v for k, v in self.tse_options.items() if k != "min_kept_per_image"}
+        min_kept = self.tse_min_kept(batch_size)
+        if min_kept is not None:
+            options["min_kept"] = min_kept
+        return options
 
     @property
     def needs_teacher(self) -> bool:
@@ -567,7 +600,8 @@ class DistillationObjective:
             weight = 1.0 if self.stage == TFE else self.blend_lambda
             loss = loss + weight * tfe_loss
         if use_tse:
-            tse_loss, tse_stats = rdd.tse_task_loss(*heads, **common, **self.tse_options)
+            tse_options = self.tse_loss_options(int(target.shape[0]))
+            tse_loss, tse_stats = rdd.tse_task_loss(*heads, **common, **tse_options)
             stats.update(tse_stats)
             weight = 1.0 - self.blend_lambda if (self.blend == "linear" and use_tfe) else 1.0
             loss = loss + weight * tse_loss
@@ -695,8 +729,8 @@ class DistillationObjective:
 
     def _term_cirkd_minibatch(self, s: SegOutput, t: SegOutput, y: Tensor, modules, o) -> dict[str, Tensor]:
         fs, ft = self._feature(s, "student"), self._feature(t, "teacher")
-        options = {"temperature": o["temperature"], "pool_size": o["pool_size"], "gather": o["gather"]}
-        return {"weight": minibatch_pixel_relation_loss(fs, ft, **options)}
+        keys = ("temperature", "pool_size", "gather", "chunk_rows")
+        return {"weight": minibatch_pixel_relation_loss(fs, ft, **{k: o[k] for k in keys})}
 
     def _term_cirkd_memory(self, s: SegOutput, t: SegOutput, y: Tensor, modules, o) -> dict[str, Tensor]:
         memory = self._module(modules, "cirkd_memory")

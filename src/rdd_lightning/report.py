@@ -259,6 +259,19 @@ def paper_entry(paper: dict[str, Any] | None, overrides: tuple[str, ...]) -> dic
     return max(matches, key=len) if matches else None
 
 
+def paper_split_mismatch(paper: dict[str, Any] | None, runs: list[dict[str, Any]]) -> str | None:
+    """Why a group's published number must not stand beside it: the paper states the split its numbers are on
+    (``paper.split``) and a run was validated on another one, or does not record its split (results of an
+    earlier version); ``None`` when they agree or the paper states no split."""
+    published = (paper or {}).get("split")
+    if not published:
+        return None
+    validated = sorted({str(r.get("val_split")) for r in runs})
+    if validated == [published]:
+        return None
+    return f"published on {published}, runs on {'/'.join(validated).replace('None', 'unrecorded')}"
+
+
 def compute_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Compute of a group: mean wall time, total device-hours, mean training throughput, max peak memory."""
 
@@ -284,6 +297,7 @@ def summarise_group(group: Group, label: str) -> dict[str, Any]:
     teachers = [t for r in runs if (t := run_teacher_miou(r)) is not None]
     paper = next((r["paper"] for r in runs if r.get("paper")), None)
     entry = paper_entry(paper, group.key)
+    mismatch = paper_split_mismatch(paper, runs) if entry else None
     first = runs[0]
     return {
         "group": label,
@@ -300,7 +314,8 @@ def summarise_group(group: Group, label: str) -> dict[str, Any]:
         "seeds": [r.get("seed") for r in runs],
         "teacher_miou": mean_or_none(teachers),
         "paper_table": paper.get("table") if paper else None,
-        "paper_miou": entry["miou"] if entry else None,
+        "paper_miou": entry["miou"] if entry and not mismatch else None,
+        "paper_split_mismatch": mismatch,
         "paper_teacher_miou": paper.get("teacher_miou") if paper else None,
         **compute_summary(runs),
         "runs": [str(job.path) for job in group.runs],
@@ -406,7 +421,7 @@ GROUP_COLUMNS = [
     ("mIoU mean ± std", mean_std),
     ("best", lambda g: fmt(g["miou_best"])),
     ("teacher", lambda g: fmt(g["teacher_miou"])),
-    ("paper", lambda g: fmt(g["paper_miou"])),
+    ("paper", lambda g: g.get("paper_split_mismatch") or fmt(g["paper_miou"])),
     ("wall time (s)", lambda g: fmt(g["wall_time_s_mean"], 0)),
     ("device-h", lambda g: fmt(g["device_hours_total"], 3)),
     ("img/s", lambda g: fmt(g["train_images_per_s_mean"], 1)),

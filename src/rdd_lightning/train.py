@@ -81,6 +81,7 @@ def results_record(cfg: DictConfig, trainer: L.Trainer, module: DistillationModu
         "choices": {k: v for k, v in choices.items() if not k.startswith("hydra")},
         "seed": int(cfg.seed),
         "dataset": datamodule.name,
+        "val_split": datamodule.splits["val"],
         "distillation": module.objective.name,
         "experiment": choices.get("experiment"),
         "paper": OmegaConf.to_container(paper, resolve=True) if paper is not None else None,

@@ -38,6 +38,10 @@ Deliberate differences from the published code:
 
 - The published mini-batch term pairs the images of one GPU only (its gather is commented out); here the
   partners are the global batch (``gather=False`` gives the published per-process pairs).
+- The published term keeps ``~2 * B_local * B_global * N^2`` floats for backward (N = 8192 pixels at 1/8 of a
+  512x1024 crop: 8 GiB per GPU of 4 images, 128 GiB for one GPU of 16); here the relations are computed in blocks
+  of ``chunk_rows`` anchor pixels and recomputed in backward, so the term keeps ``~3 * B_global * chunk_rows * N``
+  (0.75 GiB for ``B_global = 16`` and 512 rows) with the same value and gradient (``benchmarks/cirkd_memory.py``).
 - Pixel queues are true ring buffers (entry ``(ptr + r) mod size``); the published code writes the last ``K``
   slots and resets the pointer when a write would pass the end. Queues never grow past their size either way.
 - Pixels to enqueue are chosen by one sort per image instead of a Python loop over classes (same distribution:
@@ -57,6 +61,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from rdd_lightning.losses._precision import fp32_scope
 from rdd_lightning.losses._shapes import check_pair, labels_at, resize
@@ -129,6 +134,21 @@ def gather_across_processes(tensor: Tensor) -> Tensor:
 
 
 # -------------------------------------------------------------------------------------- mini-batch term
+def _relation_kl_sum(
+    s_rows: Tensor, s_all: Tensor, t_rows: Tensor, t_all: Tensor, temperature: float
+) -> Tensor:
+    """``sum_j sum_rows KL(softmax(t_rows t_j^T / tau) || softmax(s_rows s_j^T / tau))`` over the partners ``j``.
+
+    ``s_rows [R, Cs]`` / ``t_rows [R, Ct]``: some pixels (rows) of one anchor image; ``s_all [Bg, N, Cs]`` /
+    ``t_all [Bg, N, Ct]``: every partner image. Builds ``[Bg, R, N]`` similarities (the softmax runs over each
+    partner's ``N`` pixels); returns a 0-dim float32 sum (nats).
+    """
+    with torch.no_grad():
+        log_pt = torch.log_softmax(torch.matmul(t_rows, t_all.transpose(1, 2)) / temperature, dim=-1)
+    log_ps = torch.log_softmax(torch.matmul(s_rows, s_all.transpose(1, 2)) / temperature, dim=-1)
+    return (log_pt.exp() * (log_pt - log_ps)).sum()
+
+
 def minibatch_pixel_relation_loss(
     student_feature: Tensor,
     teacher_feature: Tensor,
@@ -136,6 +156,7 @@ def minibatch_pixel_relation_loss(
     temperature: float = 0.1,
     pool_size: int = 1,
     gather: bool = True,
+    chunk_rows: int | None = 512,
 ) -> Tensor:
     """CIRKD mini-batch pixel-to-pixel relation loss over the (global) batch.
 
@@ -148,17 +169,23 @@ def minibatch_pixel_relation_loss(
             current CIRKD code; an earlier version pooled ``2x2``).
         gather: pair each local image with every image of the global batch under ``torch.distributed``
             (default); ``False`` pairs the local images only.
+        chunk_rows: compute the relations of at most this many anchor pixels at a time and recompute them in
+            the backward pass (activation checkpointing), so the term keeps ``~3 * B_global * chunk_rows * N``
+            floats instead of ``2 * B * B_global * N^2``; the value and the gradient are the same up to float
+            summation order. ``None`` builds each anchor image's ``[B_global, N, N]`` relations whole and keeps
+            them for backward (CIRKD's memory profile).
 
     Returns:
         0-dim float32 loss (nats), ``1 / (B * B_global)`` times the sum over pairs of the row-averaged KL.
-        Zero when the student's embeddings equal the teacher's. Memory: ``B * B_global * N^2`` floats are kept
-        for backward (``N = h*w / pool_size^2``).
+        Zero when the student's embeddings equal the teacher's (``N = h*w / pool_size^2``).
     """
     check_pair(student_feature, teacher_feature, same_channels=False, what="features")
     if not temperature > 0:
         raise ValueError(f"temperature={temperature!r} must be > 0")
     if int(pool_size) < 1:
         raise ValueError(f"pool_size={pool_size!r} must be an integer >= 1")
+    if chunk_rows is not None and int(chunk_rows) < 1:
+        raise ValueError(f"chunk_rows={chunk_rows!r} must be an integer >= 1 or None")
     with fp32_scope(student_feature.device):
         s = resize(student_feature.float(), teacher_feature.shape[-2:])
         t = teacher_feature.detach().float()
@@ -169,13 +196,18 @@ def minibatch_pixel_relation_loss(
         t = F.normalize(t.flatten(2), dim=1).transpose(1, 2)  # [B, N, Ct]
         s_all = gather_across_processes(s) if gather else s  # [Bg, N, Cs]
         t_all = gather_across_processes(t) if gather else t
+        n = s.shape[1]
+        rows = n if chunk_rows is None else int(chunk_rows)
+        recompute = chunk_rows is not None and torch.is_grad_enabled() and s.requires_grad
         total = s.new_zeros(())
         for i in range(s.shape[0]):
-            with torch.no_grad():
-                log_pt = torch.log_softmax((t[i] @ t_all.transpose(1, 2)) / temperature, dim=-1)  # [Bg, N, N]
-            log_ps = torch.log_softmax((s[i] @ s_all.transpose(1, 2)) / temperature, dim=-1)
-            total = total + (log_pt.exp() * (log_pt - log_ps)).sum()
-        return total / (s.shape[0] * s_all.shape[0] * s.shape[1])
+            for start in range(0, n, rows):
+                block = (s[i, start : start + rows], s_all, t[i, start : start + rows], t_all, temperature)
+                if recompute:
+                    total = total + checkpoint(_relation_kl_sum, *block, use_reentrant=False)
+                else:
+                    total = total + _relation_kl_sum(*block)
+        return total / (s.shape[0] * s_all.shape[0] * n)
 
 
 # ------------------------------------------------------------------------------------------ memory terms
