@@ -161,6 +161,31 @@ def test_paper_entry_needs_every_key(tmp_path, capsys):
                       ("student=mobilenet_v2", "distillation=none"): None}  # fmt: skip
 
 
+def test_a_published_number_stands_only_beside_runs_of_its_split(tmp_path, capsys):
+    """CamVid's published numbers are test-split numbers: runs validated on val (or that do not record their
+    split) get no published number, the markdown cell says why; runs on test get it."""
+    paper = {"table": "CamVid", "split": "test", "results": [{"distillation": "none", "miou": 66.92}]}
+    for name, split in (("on_test", "test"), ("on_val", "val"), ("unrecorded", None)):
+        extra = {"val_split": split} if split else {}
+        write_job(
+            tmp_path / name / "0",
+            ["distillation=none", f"dataset.root=/{name}", "seed=1"],
+            66.0,
+            paper=paper,
+            **extra,
+        )
+    groups = {g["overrides"][1]: g for g in report_json(capsys, str(tmp_path))["groups"]}
+    assert groups["dataset.root=/on_test"]["paper_miou"] == 66.92
+    assert groups["dataset.root=/on_test"]["paper_split_mismatch"] is None
+    assert groups["dataset.root=/on_val"]["paper_miou"] is None
+    assert groups["dataset.root=/on_val"]["paper_split_mismatch"] == "published on test, runs on val"
+    assert (
+        groups["dataset.root=/unrecorded"]["paper_split_mismatch"] == "published on test, runs on unrecorded"
+    )
+    assert main([str(tmp_path), "--format", "markdown"]) == 0
+    assert "| published on test, runs on val |" in capsys.readouterr().out
+
+
 # ---------------------------------------------------------------------------------------------- formats
 def test_markdown_output(sweep, capsys):
     assert main([str(sweep), "--format", "markdown"]) == 0
