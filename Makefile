@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo table teacher-strength test test-fast lint format bench bench-scaling bench-data bench-kd clean
+.PHONY: install demo table teacher-strength test test-fast lint format bench bench-scaling bench-data bench-kd bench-export clean
 
 install: $(STAMP)  ## .venv with the package (editable) and its test extras; a no-op when nothing changed
 
@@ -52,6 +52,9 @@ bench-data: install  ## training-loader throughput per dataset at its crop size
 
 bench-kd: install  ## per-step time and peak memory of every distillation config, relative to kd (CPU, small)
 	$(PY) benchmarks/kd_step.py
+
+bench-export: install  ## CPU images/s of the exported student: onnxruntime and TorchScript vs PyTorch eager, 512x1024
+	$(PY) benchmarks/export_speed.py
 
 clean:  ## remove caches and build files (keeps logs/ and .cache/: runs and cached teachers are yours)
 	rm -rf build dist src/*.egg-info .pytest_cache .ruff_cache .hypothesis

@@ -53,7 +53,9 @@ def normalise(pixels: np.ndarray, normalization: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def reference_logits(net: torch.nn.Module, x: torch.Tensor, stride: int = 8, head: str = "logits") -> torch.Tensor:
+def reference_logits(
+    net: torch.nn.Module, x: torch.Tensor, stride: int = 8, head: str = "logits"
+) -> torch.Tensor:
     """Whole-image logits ``[B, C, H, W]`` of the main head (``head="aux_logits"``: the auxiliary one):
     zero-pad bottom/right to the stride, forward, upsample the logits (bilinear, align_corners) to the padded
     size, crop."""

@@ -73,7 +73,9 @@ def predict_cfg(tmp_path):
     def make(*overrides: str):
         calls.append(None)
         run_dir = tmp_path / f"run{len(calls) - 1}"
-        return compose_train_cfg(tmp_path, ["progress_bar=false", "num_workers=0", *overrides], "predict", run_dir)
+        return compose_train_cfg(
+            tmp_path, ["progress_bar=false", "num_workers=0", *overrides], "predict", run_dir
+        )
 
     yield make
     GlobalHydra.instance().clear()
@@ -156,7 +158,9 @@ def test_existing_files_are_never_replaced_unless_asked(trained, images, predict
     before = mask.stat().st_mtime_ns
     mask.write_bytes(b"mine")
     with pytest.raises(ConfigError, match=r"already holds 3 of the files to write.*overwrite=true"):
-        predict.run(predict_cfg(f"ckpt_path={trained['best_checkpoint']}", f"input={single}", f"output={output}"))
+        predict.run(
+            predict_cfg(f"ckpt_path={trained['best_checkpoint']}", f"input={single}", f"output={output}")
+        )
     assert mask.read_bytes() == b"mine"
     predict.run(predict_cfg(f"ckpt_path={trained['best_checkpoint']}", f"input={single}", f"output={output}",
                     "overwrite=true"))  # fmt: skip
@@ -191,11 +195,19 @@ def test_bad_settings_fail_before_any_work(predict_cfg, tmp_path, overrides, mes
 def test_dataset_with_other_classes_and_unknown_submission(trained, images, predict_cfg):
     folder, _ = images
     with pytest.raises(ConfigError, match=r"predicts 11 classes .* dataset=cityscapes has 19"):
-        predict.run(predict_cfg(f"ckpt_path={trained['best_checkpoint']}", f"input={folder}", "dataset=cityscapes"))
-    with pytest.raises(ConfigError, match=r"submission=cityscapes needs a network of the 19 cityscapes classes"):
-        predict.run(predict_cfg(f"ckpt_path={trained['best_checkpoint']}", f"input={folder}", "submission=cityscapes"))
+        predict.run(
+            predict_cfg(f"ckpt_path={trained['best_checkpoint']}", f"input={folder}", "dataset=cityscapes")
+        )
+    with pytest.raises(
+        ConfigError, match=r"submission=cityscapes needs a network of the 19 cityscapes classes"
+    ):
+        predict.run(
+            predict_cfg(f"ckpt_path={trained['best_checkpoint']}", f"input={folder}", "submission=cityscapes")
+        )
     with pytest.raises(ConfigError, match=r"submission='kitti': choose one of"):
-        predict.run(predict_cfg(f"ckpt_path={trained['best_checkpoint']}", f"input={folder}", "submission=kitti"))
+        predict.run(
+            predict_cfg(f"ckpt_path={trained['best_checkpoint']}", f"input={folder}", "submission=kitti")
+        )
 
 
 def test_weight_file_without_a_record_takes_dataset_and_student(predict_cfg, tmp_path):
@@ -210,8 +222,13 @@ def test_weight_file_without_a_record_takes_dataset_and_student(predict_cfg, tmp
     cfg = predict_cfg(f"ckpt_path={path}", image, "dataset=synthetic", "student=resnet18_scratch",
                       "student.decoder_channels=32", "save.labels=true")  # fmt: skip
     summary = predict.run(cfg)
-    assert summary["model"]["dataset"] == "synthetic" and summary["model"]["normalization"]["channel_order"] == "RGB"
-    assert_same_classes(read(Path(cfg.output) / "labels" / "a.png"), reference_logits(net, normalise(pixels, "imagenet")))
+    assert (
+        summary["model"]["dataset"] == "synthetic"
+        and summary["model"]["normalization"]["channel_order"] == "RGB"
+    )
+    assert_same_classes(
+        read(Path(cfg.output) / "labels" / "a.png"), reference_logits(net, normalise(pixels, "imagenet"))
+    )
 
 
 # ================================================================================================== export
@@ -270,7 +287,9 @@ def load_torchscript(path: str):
 @pytest.mark.slow
 def test_onnx_with_baked_normalisation_and_aux_head_matches_pytorch(exported, varied):
     session = ort.InferenceSession(exported["onnx_pixels_aux"]["file"], providers=["CPUExecutionProvider"])
-    assert [i.name for i in session.get_inputs()] == ["images"] and session.get_inputs()[0].type == "tensor(uint8)"
+    assert [i.name for i in session.get_inputs()] == ["images"] and session.get_inputs()[
+        0
+    ].type == "tensor(uint8)"
     assert [o.name for o in session.get_outputs()] == ["logits", "aux_logits"]
     net = network_of(varied, 11)
     for index, (batch, h, w) in enumerate(SIZES):
@@ -324,12 +343,14 @@ def test_predict_gives_the_checkpoints_masks_with_every_export(exported, varied,
     net = network_of(varied, 11)
     references = {name: reference_logits(net, normalise(image, "caffe")) for name, image in pixels.items()}
     for name in EXPORTS:
-        cfg = compose(tmp_path, "predict", [f"ckpt_path={exported[name]['file']}", f"input={folder}", "save.labels=true",
+        cfg = compose(tmp_path, "predict", [f"ckpt_path={exported[name]['file']}", f"input={folder}/street/*.png", "save.labels=true",
                       "save.overlay=false", "progress_bar=false", "num_workers=0", "batch_size=2"], name)  # fmt: skip
         summary = predict.run(cfg)
         assert summary["format"] == EXPORTS[name][0].split("=")[1]
-        for image_name, reference in references.items():
-            with Image.open(Path(cfg.output) / "labels" / image_name) as labels:
+        assert summary["num_images"] == 2  # street/a.png (56x72), street/b.png (40x48)
+        for image_name in ("street/a.png", "street/b.png"):
+            reference = references[image_name]
+            with Image.open(Path(cfg.output) / "labels" / Path(image_name).name) as labels:
                 assert_same_classes(np.asarray(labels), reference)
     GlobalHydra.instance().clear()
 
@@ -339,12 +360,20 @@ def test_predict_refuses_what_an_export_cannot_do(exported, images, tmp_path):
     folder, _ = images
     base = ["progress_bar=false", "num_workers=0", f"input={folder}"]
     cases = [
-        (["ts_classes", "inference.scales=[0.5,1.0]"], r"returns class maps, so it predicts whole images only"),
-        (["onnx_pixels_aux", "precision=16-mixed"], r"mixed precision applies to checkpoints, not to onnx files"),
+        (
+            ["ts_classes", "inference.scales=[0.5,1.0]"],
+            r"returns class maps, so it predicts whole images only",
+        ),
+        (
+            ["onnx_pixels_aux", "precision=16-mixed"],
+            r"mixed precision applies to checkpoints, not to onnx files",
+        ),
         (["onnx_pixels_aux", "student=resnet18"], r"is an exported onnx file: leave student= out"),
     ]
     for index, ((name, *extra), message) in enumerate(cases):
-        cfg = compose(tmp_path, "predict", [f"ckpt_path={exported[name]['file']}", *base, *extra], f"p{index}")
+        cfg = compose(
+            tmp_path, "predict", [f"ckpt_path={exported[name]['file']}", *base, *extra], f"p{index}"
+        )
         with pytest.raises(ConfigError, match=message):
             predict.run(cfg)
     GlobalHydra.instance().clear()
@@ -362,7 +391,10 @@ def test_model_card_beside_and_inside_the_files(exported, trained):
     assert card["validation"]["image_sizes"] == [{"size": [32, 32], "images": 4}]  # the tiny run's val split
     assert card["distillation"] == "none" and card["teacher"] is None
     assert card["source"]["run_dir"] == trained["output_dir"] and card["source"]["global_step"] == 2
-    assert card["export"]["check"]["max_abs_diff"] <= 1e-4 and card["export"]["check"]["sizes"] == [[96, 128], [75, 101]]
+    assert card["export"]["check"]["max_abs_diff"] <= 1e-4 and card["export"]["check"]["sizes"] == [
+        [96, 128],
+        [75, 101],
+    ]
     # the copy inside the file is the same card, but for the check that ran on the written file
     session = ort.InferenceSession(exported["onnx_pixels_aux"]["file"], providers=["CPUExecutionProvider"])
     inside = json.loads(session.get_modelmeta().custom_metadata_map[CARD_KEY])
@@ -377,7 +409,9 @@ def test_card_of_the_best_checkpoint_has_its_validation_miou(trained, tmp_path):
     cfg = compose(tmp_path, "export", [f"ckpt_path={trained['best_checkpoint']}", "format=state_dict"], "e")
     card = export.run(cfg)
     GlobalHydra.instance().clear()
-    assert Path(card["file"]) == Path(trained["output_dir"]) / "export" / "best.state_dict.pt"  # the run's folder
+    assert (
+        Path(card["file"]) == Path(trained["output_dir"]) / "export" / "best.state_dict.pt"
+    )  # the run's folder
     assert card["validation"]["weights"] == "best" and card["validation"]["miou"] == trained["best_val_miou"]
 
 
@@ -395,7 +429,11 @@ def test_provenance_reads_the_run_record(tmp_path):
     record = provenance(ckpt, checkpoint, run_dir)
     assert record["validation"]["miou"] == 38.5 and record["validation"]["weights"] == "last"
     assert record["teacher"] == {"checkpoint": "/t.ckpt", "sha256": "ab12", "val_miou": 51.0}
-    assert record["distillation"] == "rdd" and record["source"]["seed"] == 3 and record["source"]["global_step"] == 200
+    assert (
+        record["distillation"] == "rdd"
+        and record["source"]["seed"] == 3
+        and record["source"]["global_step"] == 200
+    )
 
 
 # ------------------------------------------------------------------------------------------------ refusals
@@ -404,13 +442,22 @@ def test_export_refuses_existing_files_and_bad_settings(exported, varied, tmp_pa
     taken = Path(exported["ts_classes"]["file"])
     before = taken.stat().st_mtime_ns
     cases = [
-        ([f"ckpt_path={varied}", "format=torchscript", f"output={taken.parent}"], r"exists; .* overwrite=true"),
-        ([f"ckpt_path={varied}", "format=state_dict", "normalize=true"], r"format=state_dict writes the network"),
+        (
+            [f"ckpt_path={varied}", "format=torchscript", f"output={taken.parent}"],
+            r"exists; .* overwrite=true",
+        ),
+        (
+            [f"ckpt_path={varied}", "format=state_dict", "normalize=true"],
+            r"format=state_dict writes the network",
+        ),
         ([f"ckpt_path={varied}", "returns=logits"], r"returns='logits': choose one of"),
         ([f"ckpt_path={varied}", "format=tflite"], r"format='tflite': choose one of"),
         ([f"ckpt_path={taken}"], r"is an exported file already; pass a checkpoint"),
         ([f"ckpt_path={varied}", "check_sizes=[[64]]"], r"check_sizes=.*give one or more \[height, width\]"),
-        ([f"ckpt_path={varied}", f"output={tmp_path / 'x.onnx'}", "format=torchscript"], r"ends with .torchscript.pt"),
+        (
+            [f"ckpt_path={varied}", f"output={tmp_path / 'x.onnx'}", "format=torchscript"],
+            r"ends with .torchscript.pt",
+        ),
     ]
     for index, (overrides, message) in enumerate(cases):
         with pytest.raises(ConfigError, match=message):

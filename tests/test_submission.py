@@ -47,7 +47,9 @@ def test_cityscapes_test_split_becomes_the_servers_label_id_pngs(tmp_path):
     root = tmp_path / "cityscapes"
     write_images(root, CITYSCAPES_TEST)  # images only: the test split's labels are not needed
     net = varied_network(19)
-    ckpt = save_checkpoint(net, tmp_path / "weights" / "student.ckpt", dataset="cityscapes", network=TINY_NETWORK)
+    ckpt = save_checkpoint(
+        net, tmp_path / "weights" / "student.ckpt", dataset="cityscapes", network=TINY_NETWORK
+    )
     cfg = compose_train_cfg(tmp_path, [f"ckpt_path={ckpt}", "dataset=cityscapes", f"dataset.root={root}",
                             "split=test", "submission=cityscapes", "save.labels=true", "save.overlay=false",
                             "progress_bar=false", "num_workers=0"], "predict", tmp_path / "out")  # fmt: skip
@@ -136,7 +138,10 @@ def test_test_splits_list_their_images_without_labels(tmp_path):
     write_images(voc, {"JPEGImages/2008_000001.jpg": (8, 8), "JPEGImages/2008_000002.jpg": (8, 8)})
     (voc / "ImageSets" / "Segmentation").mkdir(parents=True)
     (voc / "ImageSets" / "Segmentation" / "test.txt").write_text("2008_000002\n2008_000001\n")
-    assert [p.name for p, _ in VOC(tmp_path, "test", labels=False).pairs] == ["2008_000001.jpg", "2008_000002.jpg"]
+    assert [p.name for p, _ in VOC(tmp_path, "test", labels=False).pairs] == [
+        "2008_000001.jpg",
+        "2008_000002.jpg",
+    ]
     (voc / "ImageSets" / "Segmentation" / "test.txt").write_text("2008_000003\n")
     with pytest.raises(ConfigError, match=r"names 1 image file\(s\) that do not exist"):
         VOC(tmp_path, "test", labels=False)

@@ -98,7 +98,9 @@ class ModelCard:
                 "name": "images",
                 "layout": "NCHW",
                 "dtype": "uint8" if self.uint8_input else "float32",
-                "content": "RGB pixels 0..255" if self.uint8_input else "normalised images (see normalization)",
+                "content": "RGB pixels 0..255"
+                if self.uint8_input
+                else "normalised images (see normalization)",
                 "height": size,
                 "width": size,
             },
@@ -507,7 +509,9 @@ class StandaloneSegmenter(nn.Module):
     ``core`` maps normalised images to logits (:class:`NetworkLogits`, or its trace). TorchScript-compatible.
     """
 
-    def __init__(self, core: nn.Module, output_stride: int, returns: str, normalization: Normalization | None):
+    def __init__(
+        self, core: nn.Module, output_stride: int, returns: str, normalization: Normalization | None
+    ):
         super().__init__()
         if returns not in RETURNS:
             raise ConfigError(f"returns={returns!r}: choose one of {list(RETURNS)}")
@@ -515,7 +519,9 @@ class StandaloneSegmenter(nn.Module):
         self.uint8_input = normalization is not None
         self.bgr = bool(normalization.bgr) if normalization is not None else False
         mean = torch.tensor(normalization.mean) * 255.0 if normalization is not None else torch.zeros(3)
-        scale = 1.0 / (torch.tensor(normalization.std) * 255.0) if normalization is not None else torch.ones(3)
+        scale = (
+            1.0 / (torch.tensor(normalization.std) * 255.0) if normalization is not None else torch.ones(3)
+        )
         self.register_buffer("pixel_mean", mean.view(1, 3, 1, 1).float())
         self.register_buffer("pixel_scale", scale.view(1, 3, 1, 1).float())
 
@@ -558,12 +564,18 @@ class StandaloneSegmenterWithAux(StandaloneSegmenter):
 
 
 def standalone(
-    net: nn.Module, returns: str, normalization: Normalization | None, with_aux: bool, core: nn.Module | None = None
+    net: nn.Module,
+    returns: str,
+    normalization: Normalization | None,
+    with_aux: bool,
+    core: nn.Module | None = None,
 ) -> StandaloneSegmenter:
     """The exportable form of ``net`` (``core``: a traced :class:`NetworkLogits` of it, for TorchScript)."""
     cls = StandaloneSegmenterWithAux if with_aux else StandaloneSegmenter
     stride = int(getattr(net, "output_stride", 1))
-    return cls(core if core is not None else NetworkLogits(net, with_aux), stride, returns, normalization).eval()
+    return cls(
+        core if core is not None else NetworkLogits(net, with_aux), stride, returns, normalization
+    ).eval()
 
 
 def top2_gap(logits: Tensor) -> Tensor:

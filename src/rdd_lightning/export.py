@@ -99,7 +99,9 @@ def target_path(cfg: DictConfig, ckpt_path: Path, fmt: str) -> Path:
         return (source_run_dir(ckpt_path) or ckpt_path.parent) / "export" / name
     output = Path(str(cfg.output)).expanduser().resolve()
     if output.suffix in (".onnx", ".pt", ".pth"):
-        if not output.name.endswith(SUFFIXES[fmt]) and not (fmt != "onnx" and output.suffix in (".pt", ".pth")):
+        if not output.name.endswith(SUFFIXES[fmt]) and not (
+            fmt != "onnx" and output.suffix in (".pt", ".pth")
+        ):
             raise ConfigError(f"output={str(cfg.output)!r}: a format={fmt} file ends with {SUFFIXES[fmt]}")
         return output
     return output / name
@@ -167,7 +169,9 @@ def write_onnx(model: StandaloneSegmenter, card: ModelCard, path: Path, opset: i
     try:
         import onnxscript  # noqa: F401  (torch's ONNX exporter needs it)
     except ImportError as err:
-        raise ConfigError("format=onnx needs onnx and onnxscript: pip install 'rdd-lightning[export]'") from err
+        raise ConfigError(
+            "format=onnx needs onnx and onnxscript: pip install 'rdd-lightning[export]'"
+        ) from err
     stride = card.output_stride
     batch = torch.export.Dim("batch", min=1, max=1024)
     if card.returns == "logits_net":  # the input must be a multiple of the stride
@@ -201,11 +205,15 @@ def write_torchscript(net: torch.nn.Module, card: ModelCard, path: Path) -> None
     :class:`StandaloneSegmenter` (whose padding and cropping follow every input size), card as an extra file."""
     core = standalone(net, card.returns, None, card.aux_output).core
     example = torch.randn(2, 3, 8 * card.output_stride, 8 * card.output_stride)
-    with warnings.catch_warnings():  # torch.jit is deprecated in favour of torch.export; TorchScript is asked for
+    with (
+        warnings.catch_warnings()
+    ):  # torch.jit is deprecated in favour of torch.export; TorchScript is asked for
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(core, example, check_trace=False)
         normalization = card.normalization if card.uint8_input else None
-        scripted = torch.jit.script(standalone(net, card.returns, normalization, card.aux_output, core=traced))
+        scripted = torch.jit.script(
+            standalone(net, card.returns, normalization, card.aux_output, core=traced)
+        )
         torch.jit.save(scripted, str(path), _extra_files={CARD_KEY: json.dumps(card.to_dict())})
 
 
@@ -224,7 +232,9 @@ def write_state_dict(net: torch.nn.Module, opened: OpenedCheckpoint, card: Model
 def check_sizes(cfg: DictConfig, card: ModelCard) -> list[tuple[int, int]]:
     """The sizes the file is checked at (rounded up to the stride for ``logits_net``)."""
     multiple = card.output_stride if card.returns == "logits_net" else 1
-    return [(-(-int(h) // multiple) * multiple, -(-int(w) // multiple) * multiple) for h, w in cfg.check_sizes]
+    return [
+        (-(-int(h) // multiple) * multiple, -(-int(w) // multiple) * multiple) for h, w in cfg.check_sizes
+    ]
 
 
 def first_output(out: Any) -> torch.Tensor:
@@ -277,7 +287,9 @@ def compare(path: Path, fmt: str, eager: torch.nn.Module, card: ModelCard, sizes
                     f"{path}: outputs differ from PyTorch by {diff:.3g} at {h}x{w} (tolerance {tolerance})"
                 )
     result: dict[str, Any] = {"sizes": [list(s) for s in sizes], "tolerance": tolerance}
-    result["pixels_differing_at_near_ties" if class_maps else "max_abs_diff"] = near_ties if class_maps else worst
+    result["pixels_differing_at_near_ties" if class_maps else "max_abs_diff"] = (
+        near_ties if class_maps else worst
+    )
     return result
 
 

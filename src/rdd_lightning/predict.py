@@ -26,7 +26,14 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.text import Text
 from torch.utils.data import DataLoader
 
@@ -96,7 +103,9 @@ def check_settings(cfg: DictConfig) -> InferenceConfig:
     if cfg.overlay_format not in OVERLAY_FORMATS:
         raise ConfigError(f"overlay_format={cfg.overlay_format!r}: choose one of {list(OVERLAY_FORMATS)}")
     if not any(cfg.save.values()) and cfg.get("submission") is None:
-        raise ConfigError("save.mask, save.overlay and save.labels are all false and submission=null: nothing to write")
+        raise ConfigError(
+            "save.mask, save.overlay and save.labels are all false and submission=null: nothing to write"
+        )
     return InferenceConfig.from_any(OmegaConf.to_container(cfg.inference, resolve=True))
 
 
@@ -107,14 +116,15 @@ class PredictionWriter:
     Args:
         output: the output folder.
         names: one name per image (:func:`~rdd_lightning.data.images.output_names`).
-        palette: ``uint8 [C, 3]`` class colours.
         save: which of ``mask``, ``overlay``, ``labels`` to write.
         submission: the server format to write as well, or ``None``.
+
+    :attr:`palette` (``uint8 [C, 3]`` class colours) is set once the network's card is known.
     """
 
-    def __init__(self, output: Path, names: list[str], palette: np.ndarray, save: dict[str, bool],
-                 overlay_alpha: float, overlay_format: str, submission: SubmissionFormat | None):  # fmt: skip
-        self.output, self.names, self.palette = output, names, palette
+    def __init__(self, output: Path, names: list[str], save: dict[str, bool], overlay_alpha: float,
+                 overlay_format: str, submission: SubmissionFormat | None):  # fmt: skip
+        self.output, self.names, self.palette = output, names, None
         self.save, self.alpha, self.overlay_format = save, overlay_alpha, overlay_format
         self.submission = submission
         self.submission_dir = output / "submission" / submission.name if submission is not None else None
@@ -163,7 +173,9 @@ class PredictionWriter:
         images = {
             "mask": lambda: Image.fromarray(mask),
             "overlay": lambda: Image.fromarray(overlay(pixels, mask, self.alpha)),
-            "labels": lambda: Image.fromarray(classes.astype(np.uint8 if len(self.palette) <= 256 else np.uint16)),
+            "labels": lambda: Image.fromarray(
+                classes.astype(np.uint8 if len(self.palette) <= 256 else np.uint16)
+            ),
             "submission": lambda: self.submission.encode(classes),
         }
         for kind, path in files.items():
@@ -206,20 +218,25 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     inference = check_settings(cfg)
     paths, source = input_images(cfg)
     device = resolve_device(str(cfg.device))
-    model = load_model(cfg.ckpt_path, student_cfg=cfg.get("student"), dataset_cfg=cfg.get("dataset"), device=device)
+    server = submission_format(str(cfg.submission)) if cfg.get("submission") is not None else None
+    output = Path(str(cfg.output)).expanduser().resolve()
+    save = {k: bool(v) for k, v in cfg.save.items()}
+    writer = PredictionWriter(output, output_names(paths), save, float(cfg.overlay_alpha),
+                              str(cfg.overlay_format), server)  # fmt: skip
+    writer.check_free(bool(cfg.overwrite))
+    model = load_model(
+        cfg.ckpt_path, student_cfg=cfg.get("student"), dataset_cfg=cfg.get("dataset"), device=device
+    )
     card: ModelCard = model.card
     model.check_inference(inference)
     dtype = PRECISIONS[str(cfg.precision)]
     if dtype is not None and card.format != "checkpoint":
-        raise ConfigError(f"precision={cfg.precision}: mixed precision applies to checkpoints, not to {card.format} files")
-    server = submission_format(str(cfg.submission)) if cfg.get("submission") is not None else None
+        raise ConfigError(
+            f"precision={cfg.precision}: mixed precision applies to checkpoints, not to {card.format} files"
+        )
     if server is not None:
         server.check_classes(card.num_classes, f"ckpt_path={cfg.ckpt_path}")
-    output = Path(str(cfg.output)).expanduser().resolve()
-    save = {k: bool(v) for k, v in cfg.save.items()}
-    writer = PredictionWriter(output, output_names(paths), np.asarray(card.palette, dtype=np.uint8), save,
-                              float(cfg.overlay_alpha), str(cfg.overlay_format), server)  # fmt: skip
-    writer.check_free(bool(cfg.overwrite))
+    writer.palette = np.asarray(card.palette, dtype=np.uint8)
 
     loader = DataLoader(
         ImageFiles(paths, card.normalization),
@@ -232,7 +249,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         task = progress.add_task("predict", total=len(paths))
         for batch in loader:
             classes = model.classes(batch["image"].to(device), inference).cpu().numpy()
-            for index, pred, pixels in zip(batch["index"].tolist(), classes, batch["pixels"].numpy(), strict=True):
+            for index, pred, pixels in zip(
+                batch["index"].tolist(), classes, batch["pixels"].numpy(), strict=True
+            ):
                 writer.write(index, pred, pixels)
             progress.advance(task, len(classes))
     predict_time = time.time() - predict_start

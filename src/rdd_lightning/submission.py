@@ -63,7 +63,11 @@ class SubmissionFormat:
 
     def write_archive(self, folder: Path, archive: Path) -> Path:
         """Pack ``folder`` (the written files) as the server takes them into ``archive``."""
-        base = str(archive)[: -len(".tar.gz")] if self.archive_format == "gztar" else str(archive.with_suffix(""))
+        base = (
+            str(archive)[: -len(".tar.gz")]
+            if self.archive_format == "gztar"
+            else str(archive.with_suffix(""))
+        )
         return Path(shutil.make_archive(base, self.archive_format, root_dir=folder))
 
 

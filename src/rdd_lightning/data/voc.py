@@ -40,7 +40,9 @@ TRAIN_AUG_LISTS = (
     "ImageSets/SegmentationAug/trainaug.txt",
 )
 VAL_LIST = "ImageSets/Segmentation/val.txt"
-TEST_LIST = "ImageSets/Segmentation/test.txt"  # of VOC2012test.tar (the evaluation server's images, no labels)
+TEST_LIST = (
+    "ImageSets/Segmentation/test.txt"  # of VOC2012test.tar (the evaluation server's images, no labels)
+)
 # Where VOC2012 may sit below dataset.root: the VOC2012 folder itself, VOCdevkit, or VOCdevkit's parent.
 ROOT_CANDIDATES = ("", "VOC2012", "VOCdevkit/VOC2012")
 
