@@ -59,19 +59,24 @@ def test_the_docs_have_commands_of_every_entry_point():
     assert entries >= {*HYDRA_APPS, "report"} and len(ALL) >= 30
 
 
+@pytest.fixture(scope="module")
+def package_configs():
+    """Hydra initialised once for the module with the package's configs."""
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="rdd_lightning.conf", version_base="1.3"):
+        yield
+    GlobalHydra.instance().clear()
+
+
 @pytest.mark.parametrize(("where", "entry", "args"), ALL, ids=[c[0] for c in ALL])
-def test_documented_command_composes(where, entry, args):
+def test_documented_command_composes(package_configs, where, entry, args):
     if entry == "report":
         parse_args(args)  # argparse: an unknown option or format exits (SystemExit fails the test)
         return
     assert entry in HYDRA_APPS, f"{where}: unknown entry point rdd_lightning.{entry}"
-    if (
-        "--config-dir" in args
-    ):  # a command on the user's own configs (e.g. dataset=mydata) cannot compose here
+    if "--config-dir" in args:  # the user's own configs (e.g. dataset=mydata) cannot compose here
         pytest.skip("uses the user's own config directory")
-    GlobalHydra.instance().clear()
-    with initialize_config_module(config_module="rdd_lightning.conf", version_base="1.3"):
-        compose(config_name=HYDRA_APPS[entry], overrides=first_of_sweeps(args), return_hydra_config=True)
+    compose(config_name=HYDRA_APPS[entry], overrides=first_of_sweeps(args), return_hydra_config=True)
 
 
 def test_mkdocs_nav_lists_every_page():
