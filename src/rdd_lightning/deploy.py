@@ -40,6 +40,7 @@ from rdd_lightning.data.transforms import Normalization
 from rdd_lightning.drawing import class_palette
 from rdd_lightning.errors import ConfigError
 from rdd_lightning.inference import InferenceConfig, predict_logits, resize_and_crop, stride_padding
+from rdd_lightning.report import load_results
 from rdd_lightning.teacher import read_checkpoint, rebuild_network
 
 log = logging.getLogger(__name__)
@@ -195,7 +196,7 @@ def package_dataset_config(name: str) -> dict[str, Any]:
     return OmegaConf.to_container(cfg.dataset, resolve=True)
 
 
-def build_datamodule(config: Mapping[str, Any] | DictConfig) -> Any:
+def datamodule_of(config: Mapping[str, Any] | DictConfig) -> Any:
     """The :class:`~rdd_lightning.data.SegmentationDataModule` of a dataset config (no file is read)."""
     if isinstance(config, DictConfig):
         config = OmegaConf.to_container(config, resolve=True)
@@ -203,10 +204,10 @@ def build_datamodule(config: Mapping[str, Any] | DictConfig) -> Any:
 
 
 def load_results_json(run_dir: Path | None) -> dict[str, Any]:
-    path = run_dir / "results.json" if run_dir is not None else None
-    if path is None or not path.is_file():
+    """The run's ``results.json`` (:func:`rdd_lightning.report.load_results`), ``{}`` when it has none."""
+    if run_dir is None or not (run_dir / "results.json").is_file():
         return {}
-    return json.loads(path.read_text())
+    return load_results(run_dir)
 
 
 def provenance(ckpt_path: Path, checkpoint: Mapping[str, Any], run_dir: Path | None) -> dict[str, Any]:
@@ -388,7 +389,7 @@ def checkpoint_data(
         config = OmegaConf.to_container(dataset_cfg, resolve=True)
     if config is None and metadata.get("dataset"):
         config = package_dataset_config(str(metadata["dataset"]))
-    return (build_datamodule(config), config) if config is not None else (None, None)
+    return (datamodule_of(config), config) if config is not None else (None, None)
 
 
 @dataclass
@@ -445,7 +446,7 @@ def check_dataset_agrees(card: ModelCard, path: Path, dataset_cfg: Any | None) -
     """A ``dataset=`` given with a file must have the file's class count; other names are only reported."""
     if dataset_cfg is None:
         return
-    datamodule = build_datamodule(dataset_cfg)
+    datamodule = datamodule_of(dataset_cfg)
     if datamodule.num_classes != card.num_classes:
         raise ConfigError(
             f"ckpt_path={str(path)!r} predicts {card.num_classes} classes (dataset {card.dataset!r}) but "

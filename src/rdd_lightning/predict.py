@@ -38,7 +38,7 @@ from rich.text import Text
 from torch.utils.data import DataLoader
 
 from rdd_lightning.data.images import ImageFiles, SizeBatches, image_size, list_images, output_names
-from rdd_lightning.deploy import ModelCard, build_datamodule, load_model
+from rdd_lightning.deploy import ModelCard, datamodule_of, load_model
 from rdd_lightning.drawing import colour_mask, overlay
 from rdd_lightning.errors import ConfigError, exit_on_config_error
 from rdd_lightning.inference import InferenceConfig
@@ -67,7 +67,7 @@ def input_images(cfg: DictConfig) -> tuple[list[Path], str]:
         raise ConfigError(f"split={cfg.split!r}: choose one of {list(SPLITS)}")
     if cfg.get("dataset") is None:
         raise ConfigError(f"split={cfg.split} needs dataset=<name> (the dataset whose split is predicted)")
-    datamodule = build_datamodule(cfg.dataset)
+    datamodule = datamodule_of(cfg.dataset)
     datamodule.prepare_data()  # the synthetic dataset is generated on first use
     dataset = datamodule.dataset_cls(datamodule.root, datamodule.splits[cfg.split], labels=False)
     return [image for image, _ in dataset.pairs], f"dataset={datamodule.name} split={cfg.split}"
