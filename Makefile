@@ -4,16 +4,16 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo table teacher-strength test test-fast lint format bench bench-scaling bench-data bench-kd bench-cirkd clean
+.PHONY: install demo table teacher-strength test test-fast lint format docs bench bench-scaling bench-data bench-kd bench-cirkd bench-export clean
 
-install: $(STAMP)  ## .venv with the package (editable) and its test extras; a no-op when nothing changed
+install: $(STAMP)  ## .venv with the package (editable) and its test, export and docs extras; a no-op when nothing changed
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	@# setuptools' notice that an editable install of a mapped package (conf/ -> rdd_lightning.conf) uses an
 	@# import hook is informational; it is silenced so that a fresh install prints nothing but errors
-	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install --quiet -e '.[test]'
+	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install --quiet -e '.[test,docs]'
 	@touch $(STAMP)
 
 demo: install  ## the synthetic data's student without distillation, with KD and with RDD, from its (auto-trained, cached) teacher
@@ -32,6 +32,9 @@ test: install  ## the whole test suite (CPU, tiny data; what CI runs)
 
 test-fast: install  ## everything but the tests that train networks
 	$(PY) -m pytest -q -m "not slow"
+
+docs: install  ## the manual (docs/, mkdocs.yml) into site/; --strict: a missing page or a broken link fails
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --quiet
 
 lint: install
 	$(PY) -m ruff check src tests benchmarks
@@ -56,6 +59,9 @@ bench-kd: install  ## per-step time and peak memory of every distillation config
 bench-cirkd: install  ## CIRKD's mini-batch relation term at a 512x1024 crop: peak memory whole vs in row blocks
 	$(PY) benchmarks/cirkd_memory.py
 
+bench-export: install  ## CPU images/s of the exported student: onnxruntime and TorchScript vs PyTorch eager, 512x1024
+	$(PY) benchmarks/export_speed.py
+
 clean:  ## remove caches and build files (keeps logs/ and .cache/: runs and cached teachers are yours)
-	rm -rf build dist src/*.egg-info .pytest_cache .ruff_cache .hypothesis
+	rm -rf build dist site src/*.egg-info .pytest_cache .ruff_cache .hypothesis
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

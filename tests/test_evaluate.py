@@ -17,8 +17,9 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
 
+from rdd_lightning.drawing import class_palette, generated_palette
 from rdd_lightning.errors import ConfigError
-from rdd_lightning.evaluate import class_palette, generated_palette, iou_table, run
+from rdd_lightning.evaluate import iou_table, run
 from tests.conftest import TINY, cli_env, compose_train_cfg, train_once
 
 # the dataset and trainer settings of the tiny training runs (evaluate.yaml has no logger/callbacks groups)

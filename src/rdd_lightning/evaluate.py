@@ -9,7 +9,6 @@ training, and the run directory (``logs/evaluate/runs/<time>``) receives ``resul
 
 from __future__ import annotations
 
-import colorsys
 import logging
 import time
 import warnings
@@ -27,6 +26,7 @@ from PIL import Image
 
 from rdd_lightning.builders import build_datamodule, build_trainer
 from rdd_lightning.data import SegmentationDataModule
+from rdd_lightning.drawing import class_palette
 from rdd_lightning.errors import ConfigError, exit_on_config_error
 from rdd_lightning.inference import InferenceConfig
 from rdd_lightning.launch import ddp_job, track_children
@@ -56,27 +56,6 @@ def check_classes(ckpt_path: Path, metadata: Mapping[str, Any], datamodule: Segm
 
 
 # ------------------------------------------------------------------------------------------------ output
-def generated_palette(num_classes: int) -> np.ndarray:
-    """A fixed colour per class, ``uint8 [num_classes, 3]``: hues a golden-ratio turn apart, alternating
-    saturation and brightness so neighbouring class ids stay distinguishable."""
-    colours = [
-        colorsys.hsv_to_rgb((i * 0.618034) % 1.0, 0.9 if i % 2 else 0.6, 0.95 if (i // 2) % 2 else 0.75)
-        for i in range(num_classes)
-    ]
-    return np.round(np.asarray(colours).reshape(-1, 3) * 255).astype(np.uint8)
-
-
-def class_palette(datamodule: SegmentationDataModule) -> np.ndarray:
-    """``uint8 [C, 3]``: the dataset's palette where it has one (entries it lacks are generated)."""
-    generated = generated_palette(datamodule.num_classes)
-    palette = getattr(datamodule, "palette", None)
-    if palette is None or len(palette) == 0:
-        return generated
-    given = np.asarray(palette, dtype=np.uint8).reshape(-1, 3)[: datamodule.num_classes]
-    generated[: len(given)] = given
-    return generated
-
-
 class EvaluationRecorder(L.Callback):
     """Counts the evaluated images and, given a ``folder``, writes each prediction there as
     ``<image name>.png`` coloured with ``palette`` (``uint8 [C, 3]``)."""

@@ -129,13 +129,26 @@ def network_logits(net: nn.Module, images: Tensor) -> Tensor:
     return getattr(out, "logits", out).float()
 
 
+def stride_padding(height: int, width: int, stride: int) -> tuple[int, int]:
+    """``(rows, columns)`` to add at the bottom/right of a ``height x width`` image so that both sides become
+    multiples of ``stride``. TorchScript-compatible (the exported networks of ``rdd_lightning.export`` call
+    it inside their graph)."""
+    return (-height) % stride, (-width) % stride
+
+
 def pad_to_stride(net: nn.Module, images: Tensor) -> Tensor:
     """``images [B, 3, H, W]`` zero-padded at the bottom/right to the next multiple of ``net.output_stride``
     (``images`` itself when ``H`` and ``W`` already are multiples)."""
     h, w = images.shape[-2:]
-    stride = int(getattr(net, "output_stride", 1))
-    pad_h, pad_w = (-h) % stride, (-w) % stride
+    pad_h, pad_w = stride_padding(h, w, int(getattr(net, "output_stride", 1)))
     return F.pad(images, (0, pad_w, 0, pad_h)) if (pad_h or pad_w) else images
+
+
+def resize_and_crop(logits: Tensor, padded_size: list[int], size: list[int]) -> Tensor:
+    """Logits ``[B, C, h', w']`` of a padded image upsampled bilinearly (``align_corners=True``) to
+    ``padded_size = [H', W']`` and cropped to the image's ``size = [H, W]`` (top-left). TorchScript-compatible."""
+    logits = F.interpolate(logits, size=padded_size, mode="bilinear", align_corners=True)
+    return logits[:, :, : size[0], : size[1]]
 
 
 @torch.no_grad()
@@ -146,11 +159,8 @@ def whole_image_logits(net: nn.Module, images: Tensor) -> Tensor:
     next multiple; the logits are upsampled bilinearly (``align_corners=True``) to the padded size and
     cropped back to ``H x W``.
     """
-    h, w = images.shape[-2:]
     padded = pad_to_stride(net, images)
-    logits = network_logits(net, padded)
-    logits = F.interpolate(logits, size=padded.shape[-2:], mode="bilinear", align_corners=True)
-    return logits[..., :h, :w]
+    return resize_and_crop(network_logits(net, padded), list(padded.shape[-2:]), list(images.shape[-2:]))
 
 
 # ------------------------------------------------------------------------------------------------ slide

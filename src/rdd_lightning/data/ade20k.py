@@ -58,6 +58,8 @@ ADE20K_PALETTE = (
 )  # fmt: skip
 
 SPLIT_DIRS = {"train": "training", "val": "validation"}
+#: Where the benchmark's test images (release_test.zip, no labels) may sit below dataset.root.
+TEST_IMAGE_DIRS = ("release_test/testing", "images/testing", "testing", "ADEChallengeData2016/images/testing")
 
 
 class ADE20K(SegmentationDataset):
@@ -69,7 +71,8 @@ class ADE20K(SegmentationDataset):
     PALETTE = ADE20K_PALETTE
     SPLITS = ("train", "val")
     SPLIT_ALIASES = {"training": "train", "validation": "val"}
-    SPLIT_SIZES = {"train": 20210, "val": 2000}
+    SPLIT_SIZES = {"train": 20210, "val": 2000, "test": 3352}
+    IMAGE_ONLY_SPLITS = ("test",)  # the scene-parsing benchmark's test images (prediction only)
     LAYOUT = (
         "root = ADEChallengeData2016 (or its parent) with images/{training,validation}/*.jpg and "
         "annotations/{training,validation}/*.png (values 0..150, 0 = other/void)"
@@ -87,6 +90,19 @@ class ADE20K(SegmentationDataset):
         images = sorted((ade / "images" / folder).glob("*.jpg"))
         labels = sorted((ade / "annotations" / folder).glob("*.png"))
         return pair_by_stem(images, labels, where=f"{ade}/images/{folder} vs {ade}/annotations/{folder}")
+
+    def find_images(self, root: Path, split: str) -> list[Path]:
+        """``train``/``val``: the images of :meth:`find_pairs`; ``test``: the benchmark's ``*.jpg`` test images
+        in the first of ``release_test/testing``, ``images/testing``, ``testing`` below ``root``."""
+        if split != "test":
+            return super().find_images(root, split)
+        folder = first_existing(root, TEST_IMAGE_DIRS, "")
+        if folder is None:
+            raise ConfigError(
+                f"ADE20K: no test images in dataset.root={str(root)!r}; looked in {list(TEST_IMAGE_DIRS)} "
+                f"(release_test.zip of the scene-parsing benchmark unpacked into the root)"
+            )
+        return sorted(folder.glob("*.jpg"))
 
     def label_lut(self) -> np.ndarray:
         lut = np.full(256, -1, dtype=np.int64)

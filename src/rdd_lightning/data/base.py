@@ -33,6 +33,10 @@ class SegmentationDataset(Dataset):
         split: one of the subclass's ``SPLITS`` (or a name in its ``SPLIT_ALIASES``).
         transform: an albumentations ``Compose`` called as ``transform(image=..., mask=...)`` that returns a
             float image tensor ``[3,H,W]`` and a mask; ``None`` returns numpy arrays.
+        labels: ``False`` lists the split's images alone (:meth:`find_images`; for prediction, which needs no
+            labels): the split may then also be one of ``IMAGE_ONLY_SPLITS`` (a benchmark's test images, whose
+            labels are withheld), and :attr:`pairs` holds ``(image, None)``. Only :attr:`pairs` is meant to
+            be read then (the items need labels).
 
     Items are dicts ``{"image": [3,H,W] float, "mask": int64 [H,W], "name": str}``.
     """
@@ -45,22 +49,32 @@ class SegmentationDataset(Dataset):
     SPLITS: ClassVar[Sequence[str]] = ("train", "val", "test")
     SPLIT_ALIASES: ClassVar[Mapping[str, str]] = {}  # other accepted split names -> a name in SPLITS
     SPLIT_SIZES: ClassVar[Mapping[str, int]] = {}  # images per split of the published dataset
+    IMAGE_ONLY_SPLITS: ClassVar[Sequence[str]] = ()  # splits published without labels (benchmark test sets)
 
-    def __init__(self, root: str | os.PathLike, split: str, transform: Callable[..., dict] | None = None):
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        split: str,
+        transform: Callable[..., dict] | None = None,
+        *,
+        labels: bool = True,
+    ):
         self.root = Path(root)
         self.split = self.SPLIT_ALIASES.get(split, split)
         self.transform = transform
-        if self.split not in self.SPLITS:
-            raise ConfigError(
-                f"{type(self).__name__}: unknown split {split!r}; choose one of {list(self.SPLITS)}"
-            )
+        known = [*self.SPLITS, *([] if labels else self.IMAGE_ONLY_SPLITS)]
+        if self.split not in known:
+            raise ConfigError(f"{type(self).__name__}: unknown split {split!r}; choose one of {known}")
         if not self.root.is_dir() or not any(self.root.iterdir()):
             raise ConfigError(
                 f"{type(self).__name__}: dataset.root={str(self.root)!r} is missing or empty. Expected layout: "
                 f"{self.LAYOUT}. Get the data from {self.SOURCE} and pass dataset.root=/path/to/it "
                 f"(or set RDD_DATA_DIR)."
             )
-        self.pairs = self.find_pairs(self.root, self.split)
+        if labels:
+            self.pairs = self.find_pairs(self.root, self.split)
+        else:
+            self.pairs = [(image, None) for image in self.find_images(self.root, self.split)]
         if not self.pairs:
             raise ConfigError(
                 f"{type(self).__name__}: no {self.split!r} images under {str(self.root)!r}. "
@@ -76,6 +90,11 @@ class SegmentationDataset(Dataset):
     def label_lut(self) -> np.ndarray:
         """``int64 [256]``: raw label value -> train id, 255 for void, -1 for values that must not occur."""
         raise NotImplementedError
+
+    def find_images(self, root: Path, split: str) -> list[Path]:
+        """Image paths of ``split``, sorted, whether or not labels exist (default: those of
+        :meth:`find_pairs`; a dataset with ``IMAGE_ONLY_SPLITS`` lists those here)."""
+        return [image for image, _ in self.find_pairs(root, split)]
 
     # -- reading ------------------------------------------------------------------------------------------
     def __len__(self) -> int:

@@ -55,6 +55,10 @@ class Cityscapes(SegmentationDataset):
         where = f"{root}/leftImg8bit/{split} vs {root}/gtFine/{split} (*{self.LABEL_SUFFIX}.png)"
         return pair_by_stem(images, labels, where, suffix=self.LABEL_SUFFIX, image_suffix=self.IMAGE_SUFFIX)
 
+    def find_images(self, root: Path, split: str) -> list[Path]:
+        """The split's ``*_leftImg8bit.png`` images, without looking for labels (the test split's are dummies)."""
+        return sorted((root / "leftImg8bit" / split).glob(f"*/*{self.IMAGE_SUFFIX}.png"))
+
     def label_lut(self) -> np.ndarray:
         lut = np.full(256, -1, dtype=np.int64)
         lut[:NUM_LABEL_IDS] = IGNORE_INDEX

@@ -40,6 +40,9 @@ TRAIN_AUG_LISTS = (
     "ImageSets/SegmentationAug/trainaug.txt",
 )
 VAL_LIST = "ImageSets/Segmentation/val.txt"
+TEST_LIST = (
+    "ImageSets/Segmentation/test.txt"  # of VOC2012test.tar (the evaluation server's images, no labels)
+)
 # Where VOC2012 may sit below dataset.root: the VOC2012 folder itself, VOCdevkit, or VOCdevkit's parent.
 ROOT_CANDIDATES = ("", "VOC2012", "VOCdevkit/VOC2012")
 
@@ -63,7 +66,8 @@ class VOC(SegmentationDataset):
     CLASS_NAMES = VOC_CLASSES
     PALETTE = VOC_PALETTE
     SPLITS = ("train", "val")
-    SPLIT_SIZES = {"train": 10582, "val": 1449}
+    SPLIT_SIZES = {"train": 10582, "val": 1449, "test": 1456}
+    IMAGE_ONLY_SPLITS = ("test",)  # VOC2012test.tar's images, listed by ImageSets/Segmentation/test.txt
     LAYOUT = (
         "root = VOCdevkit/VOC2012 (or VOCdevkit, or its parent) with JPEGImages/*.jpg, "
         "SegmentationClass/*.png, SegmentationClassAug/*.png, ImageSets/Segmentation/val.txt and the "
@@ -106,6 +110,23 @@ class VOC(SegmentationDataset):
             if missing:
                 raise missing_files_error(f"VOC list {str(list_file)!r}", kind, missing)
         return sorted(pairs)
+
+    def find_images(self, root: Path, split: str) -> list[Path]:
+        """``train``/``val``: the images of :meth:`find_pairs`; ``test``: ``JPEGImages/<id>.jpg`` of the ids in
+        ``ImageSets/Segmentation/test.txt`` (VOC2012test.tar unpacked over the same VOC2012 folder)."""
+        if split != "test":
+            return super().find_images(root, split)
+        voc = first_existing(root, ROOT_CANDIDATES, TEST_LIST)
+        if voc is None:
+            raise ConfigError(
+                f"VOC: no {TEST_LIST} in dataset.root={str(root)!r} or in its VOC2012/ or VOCdevkit/VOC2012/; "
+                f"unpack VOC2012test.tar (the evaluation server's test images) there"
+            )
+        images = [voc / "JPEGImages" / f"{i}.jpg" for i in read_id_list(voc / TEST_LIST)]
+        missing = [p for p in images if not p.is_file()]
+        if missing:
+            raise missing_files_error(f"VOC list {str(voc / TEST_LIST)!r}", "image", missing)
+        return sorted(images)
 
     def label_lut(self) -> np.ndarray:
         lut = np.full(256, -1, dtype=np.int64)
