@@ -289,4 +289,60 @@ def test_a_cirkd_teacher_file_distils_a_cirkd_student(tmp_path, cirkd_files):
     assert results["teacher_val_miou"] == pytest.approx(reference_miou(ref, build_datamodule(cfg)), abs=1e-6)
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved["teacher_checkpoint"] == str(path.resolve()) and saved["global_step"] == 2
+
+    # the student back to CIRKD's layout: a plain state dict CIRKD's networks load strictly, same logits
+    from rdd_lightning.export import run as export
+    from rdd_lightning.teacher import read_checkpoint, rebuild_network
+
+    exported = export(
+        compose_train_cfg(
+            tmp_path,
+            [f"ckpt_path={results['last_checkpoint']}", "format=cirkd"],
+            "export",
+            run_dir=tmp_path / "export",
+        )
+    )
+    assert exported["file"].endswith("/export/last.cirkd.pth") and exported["format"] == "cirkd"
+    state = torch.load(exported["file"], weights_only=True)
+    assert all(k.startswith(("pretrained.net.features.", "head.")) for k in state)
+    ref = ReferenceNet("deeplabv3_mobilenetv2", CLASSES).eval()
+    ref.load_state_dict(state, strict=True)
+    checkpoint = read_checkpoint(results["last_checkpoint"])
+    student = rebuild_network(results["last_checkpoint"], checkpoint, None, CLASSES)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(ref(x)[0], student(x).logits, atol=1e-4, rtol=0)
+    GlobalHydra.instance().clear()
+
+
+def test_only_cirkd_networks_export_to_cirkds_layout(tmp_path):
+    from rdd_lightning.export import run as export
+
+    net = network_config("resnet18")
+    ckpt = tmp_path / "smp.ckpt"
+    torch.save(
+        {
+            "state_dict": {f"student.{k}": v for k, v in net.state_dict().items()},
+            "rdd_lightning": {
+                "network": {
+                    "arch": "DeepLabV3",
+                    "encoder_name": "resnet18",
+                    "encoder_weights": None,
+                    "aux_head": True,
+                    "encoder_output_stride": 8,
+                    "decoder_channels": 128,
+                    "upsampling": 1,
+                },
+                "student": net.describe(),
+                "dataset": "synthetic",
+            },
+        },
+        ckpt,
+    )
+    cfg = compose_train_cfg(tmp_path, [f"ckpt_path={ckpt}", "format=cirkd", "dataset=synthetic"], "export")
+    with pytest.raises(
+        ConfigError, match=r"format=cirkd: the network .*DeepLabV3 over 'resnet18'.* not one of CIRKD's"
+    ):
+        export(cfg)
+    assert not (tmp_path / "export").exists()
     GlobalHydra.instance().clear()

@@ -1,5 +1,5 @@
 """Export a trained student alone: ``python -m rdd_lightning.export ckpt_path=<checkpoint>
-[format=onnx|torchscript|state_dict] [returns=logits_net|logits_input|class_map] [normalize=true]
+[format=onnx|torchscript|state_dict|cirkd] [returns=logits_net|logits_input|class_map] [normalize=true]
 [aux_head=true] [output=<file or folder>]``.
 
 Composed by Hydra from ``conf/export.yaml``. The network of the checkpoint (opened by
@@ -7,7 +7,9 @@ Composed by Hydra from ``conf/export.yaml``. The network of the checkpoint (open
 objective or Lightning, and without its auxiliary head unless ``aux_head=true``: an ONNX file (opset
 ``opset``, dynamic batch, height and width) or a TorchScript file of
 :class:`~rdd_lightning.deploy.StandaloneSegmenter`, or the bare weights (``state_dict``, loadable by
-``build_model(**card["network"])``). By default it goes to ``<run dir>/export/<checkpoint name>.<format
+``build_model(**card["network"])``), or, for the ``cirkd_*`` networks, CIRKD's state dict (``cirkd``: CIRKD's
+key names, the aux head kept as CIRKD's networks have it, nothing else in the file; CIRKD's ``eval.py
+--pretrained`` loads it strictly). By default it goes to ``<run dir>/export/<checkpoint name>.<format
 suffix>``. Beside it, ``<file>.json`` is its model card (also stored inside the file). Before it is moved
 into place, the file is run (onnxruntime / TorchScript / rebuilt) on random images of each ``check_sizes``
 size and compared with PyTorch eager: a difference above ``tolerance`` fails the export. Nothing that exists
@@ -33,6 +35,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
+from rdd_lightning import weight_formats
 from rdd_lightning.data.images import image_size
 from rdd_lightning.deploy import (
     CARD_KEY,
@@ -54,7 +57,16 @@ from rdd_lightning.resume import write_json
 
 log = logging.getLogger("rdd_lightning.export")
 
-SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "state_dict": ".state_dict.pt"}
+#: what ``format=`` writes: the deployable files (:data:`rdd_lightning.deploy.FORMATS`) and CIRKD's layout
+EXPORT_FORMATS = (*FORMATS, "cirkd")
+#: formats that write the network's weights alone (no returns=, no baked-in normalisation)
+WEIGHT_FORMATS = ("state_dict", "cirkd")
+SUFFIXES = {
+    "onnx": ".onnx",
+    "torchscript": ".torchscript.pt",
+    "state_dict": ".state_dict.pt",
+    "cirkd": ".cirkd.pth",
+}
 
 
 # ------------------------------------------------------------------------------------------------ settings
@@ -71,13 +83,13 @@ def check_settings(cfg: DictConfig) -> tuple[Path, str, str | None]:
     if file_kind(ckpt_path) != "checkpoint":
         raise ConfigError(f"ckpt_path={str(cfg.ckpt_path)!r} is an exported file already; pass a checkpoint")
     fmt = str(cfg.format)
-    if fmt not in FORMATS:
-        raise ConfigError(f"format={fmt!r}: choose one of {list(FORMATS)}")
+    if fmt not in EXPORT_FORMATS:
+        raise ConfigError(f"format={fmt!r}: choose one of {list(EXPORT_FORMATS)}")
     returns = cfg.get("returns")
-    if fmt == "state_dict":
+    if fmt in WEIGHT_FORMATS:
         if returns is not None or cfg.normalize:
             raise ConfigError(
-                "format=state_dict writes the network's weights alone: returns= and normalize=true apply to "
+                f"format={fmt} writes the network's weights alone: returns= and normalize=true apply to "
                 "format=onnx|torchscript"
             )
         returns = None
@@ -217,6 +229,29 @@ def write_torchscript(net: torch.nn.Module, card: ModelCard, path: Path) -> None
         torch.jit.save(scripted, str(path), _extra_files={CARD_KEY: json.dumps(card.to_dict())})
 
 
+def write_cirkd(net: torch.nn.Module, path: Path) -> None:
+    """The weights under CIRKD's names (:func:`rdd_lightning.weight_formats.to_cirkd_state_dict`), a plain
+    state dict as CIRKD saves its checkpoints."""
+    torch.save(weight_formats.to_cirkd_state_dict(net), path)
+
+
+def check_cirkd_file(
+    path: Path, net: torch.nn.Module, sizes: list[tuple[int, int]], tolerance: float
+) -> dict:
+    """Read the written CIRKD file back into a copy of ``net`` by CIRKD's names and compare its logits with
+    ``net``'s on random images of each size: what CIRKD's loader would get."""
+    rebuilt = copy.deepcopy(net)
+    rebuilt.load_state_dict(weight_formats.network_state(torch.load(path, weights_only=True), rebuilt))
+    worst = 0.0
+    for index, (h, w) in enumerate(sizes):
+        images = torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(index))
+        with torch.no_grad():
+            worst = max(worst, float((rebuilt(images).logits - net(images).logits).abs().max()))
+    if worst > tolerance:
+        raise RuntimeError(f"{path}: read back, the logits differ by {worst:.3g} (tolerance {tolerance})")
+    return {"sizes": [list(s) for s in sizes], "tolerance": tolerance, "max_abs_diff": worst}
+
+
 def write_state_dict(net: torch.nn.Module, opened: OpenedCheckpoint, card: ModelCard, path: Path) -> None:
     """The weights (``state_dict``) with the records ``rebuild_network`` reads and the card."""
     metadata = dict(opened.checkpoint.get("rdd_lightning") or {})
@@ -231,7 +266,7 @@ def write_state_dict(net: torch.nn.Module, opened: OpenedCheckpoint, card: Model
 # ------------------------------------------------------------------------------------------------ check
 def check_sizes(cfg: DictConfig, card: ModelCard) -> list[tuple[int, int]]:
     """The sizes the file is checked at (rounded up to the stride for ``logits_net``)."""
-    multiple = card.output_stride if card.returns == "logits_net" else 1
+    multiple = card.output_stride if card.returns == "logits_net" or card.format == "cirkd" else 1
     return [
         (-(-int(h) // multiple) * multiple, -(-int(w) // multiple) * multiple) for h, w in cfg.check_sizes
     ]
@@ -302,7 +337,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     check_free([path, card_path], bool(cfg.overwrite))
     opened = open_checkpoint(ckpt_path, cfg.get("student"), cfg.get("dataset"))
     net = copy.deepcopy(opened.net).eval()
-    aux = bool(cfg.aux_head)
+    # CIRKD's ResNet networks have the aux layer and its loader is strict: the file keeps what the network has
+    aux = getattr(net, "aux_head", None) is not None if fmt == "cirkd" else bool(cfg.aux_head)
+    if fmt == "cirkd" and weight_formats.cirkd_names(net) is None:
+        described = net.describe() if hasattr(net, "describe") else {}
+        raise ConfigError(
+            f"format=cirkd: the network of ckpt_path={str(ckpt_path)!r} ({described.get('arch')} over "
+            f"{described.get('encoder_name')!r}) is not one of CIRKD's; only the cirkd_* networks have CIRKD's "
+            f"layout (format=state_dict writes any network)"
+        )
     if aux and getattr(net, "aux_head", None) is None:
         raise ConfigError(f"aux_head=true: the network of ckpt_path={str(ckpt_path)!r} has no auxiliary head")
     if not aux and hasattr(net, "aux_head"):
@@ -317,11 +360,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             write_onnx(eager, card, tmp, int(cfg.opset))
         elif fmt == "torchscript":
             write_torchscript(net, card, tmp)
+        elif fmt == "cirkd":
+            write_cirkd(net, tmp)
         else:
             write_state_dict(net, opened, card, tmp)
-        reference = eager if fmt != "state_dict" else net
-        card.details["export"]["check"] = compare(tmp, fmt, reference, card, check_sizes(cfg, card),
-                                                  float(cfg.tolerance))  # fmt: skip
+        sizes, tolerance = check_sizes(cfg, card), float(cfg.tolerance)
+        if fmt == "cirkd":
+            card.details["export"]["check"] = check_cirkd_file(tmp, net, sizes, tolerance)
+        else:
+            reference = eager if fmt != "state_dict" else net
+            card.details["export"]["check"] = compare(tmp, fmt, reference, card, sizes, tolerance)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
