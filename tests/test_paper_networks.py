@@ -262,6 +262,32 @@ def test_evaluate_a_cirkd_checkpoint_without_naming_its_network(tmp_path, cirkd_
     GlobalHydra.instance().clear()
 
 
+def test_predict_opens_a_cirkd_file_with_cirkds_inputs(tmp_path, cirkd_files):
+    """``predict ckpt_path=<a CIRKD file> dataset=...``: the network from the file's keys, and the dataset's
+    normalisation must be CIRKD's (the card then says caffe)."""
+    from omegaconf import OmegaConf
+
+    from rdd_lightning.deploy import open_checkpoint
+
+    ref, path = cirkd_files["pspnet_resnet18"]
+
+    def dataset(*overrides: str):
+        return OmegaConf.create(
+            OmegaConf.to_container(compose_train_cfg(tmp_path, list(overrides)).dataset, resolve=True)
+        )
+
+    synthetic = dataset("dataset.normalization=caffe")
+    opened = open_checkpoint(path, None, synthetic)
+    assert opened.card.normalization.bgr and opened.card.num_classes == CLASSES
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(opened.net(x).logits, ref(x)[0], atol=1e-4, rtol=0)
+    imagenet = dataset()
+    with pytest.raises(ConfigError, match=r"normalised as caffe.*set dataset.normalization=caffe"):
+        open_checkpoint(path, None, imagenet)
+    GlobalHydra.instance().clear()
+
+
 @pytest.mark.slow
 def test_a_cirkd_teacher_file_distils_a_cirkd_student(tmp_path, cirkd_files):
     """Training with CIRKD's teacher file (the paper's setting): it loads strictly, its validation mIoU is the

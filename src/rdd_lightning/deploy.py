@@ -41,7 +41,7 @@ from rdd_lightning.drawing import class_palette
 from rdd_lightning.errors import ConfigError
 from rdd_lightning.inference import InferenceConfig, predict_logits, resize_and_crop, stride_padding
 from rdd_lightning.report import load_results
-from rdd_lightning.teacher import read_checkpoint, rebuild_network
+from rdd_lightning.teacher import check_normalization, read_checkpoint, rebuild_network
 
 log = logging.getLogger(__name__)
 
@@ -424,6 +424,8 @@ def open_checkpoint(
                 f"ckpt_path={str(ckpt_path)!r} records neither its dataset nor a run directory; pass "
                 f"dataset=<the dataset it was trained on> (its classes, palette and normalisation)"
             )
+        # a file trained on other inputs (a CIRKD file: caffe) gives garbage on these: refuse it, with the fix
+        check_normalization(checkpoint, ckpt_path, "ckpt_path", datamodule.normalization)
         card = ModelCard(
             class_names=list(datamodule.class_names),
             palette=class_palette(datamodule).tolist(),
