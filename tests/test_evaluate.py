@@ -30,8 +30,17 @@ EVAL_TINY = [o for o in TINY if o.startswith(("dataset.", "trainer."))]
 def trained(tmp_path_factory):
     """A tiny supervised run, as a teacher is trained (2 steps; decoder_channels=32, which no student config
     of the package has, so only the checkpoint's own record rebuilds its network)."""
-    results = train_once(tmp_path_factory, "trained", ["distillation=none", "student.decoder_channels=32",
-                         "trainer.max_steps=2", "trainer.val_check_interval=2", "task_name=teacher"])  # fmt: skip
+    results = train_once(
+        tmp_path_factory,
+        "trained",
+        [
+            "distillation=none",
+            "student.decoder_channels=32",
+            "trainer.max_steps=2",
+            "trainer.val_check_interval=2",
+            "task_name=teacher",
+        ],
+    )
     return results
 
 
@@ -42,8 +51,12 @@ def evaluate_cfg(tmp_path):
 
     def make(*overrides: str):
         calls.append(None)
-        return compose_train_cfg(tmp_path, [*EVAL_TINY, *overrides], config_name="evaluate",
-                                 run_dir=tmp_path / f"eval{len(calls) - 1}")  # fmt: skip
+        return compose_train_cfg(
+            tmp_path,
+            [*EVAL_TINY, *overrides],
+            config_name="evaluate",
+            run_dir=tmp_path / f"eval{len(calls) - 1}",
+        )
 
     yield make
     GlobalHydra.instance().clear()
@@ -57,8 +70,11 @@ def edited_checkpoint(src: str, dst: Path, edit) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------ config
-DATASETS = sorted(p.name[: -len(".yaml")] for p in files("rdd_lightning.conf").joinpath("dataset").iterdir()
-                  if p.name.endswith(".yaml"))  # fmt: skip
+DATASETS = sorted(
+    p.name[: -len(".yaml")]
+    for p in files("rdd_lightning.conf").joinpath("dataset").iterdir()
+    if p.name.endswith(".yaml")
+)
 
 
 @pytest.mark.parametrize("dataset", DATASETS)
@@ -98,12 +114,22 @@ def test_checkpoint_reproduces_the_training_validation(trained, evaluate_cfg, wh
 
 @pytest.mark.slow
 def test_test_split_sliding_window_and_predictions(trained, evaluate_cfg):
-    cfg = evaluate_cfg(f"ckpt_path={trained['last_checkpoint']}", "split=test", "save_predictions=true",
-                       "inference.mode=slide", "inference.window=[24,24]")  # fmt: skip
+    cfg = evaluate_cfg(
+        f"ckpt_path={trained['last_checkpoint']}",
+        "split=test",
+        "save_predictions=true",
+        "inference.mode=slide",
+        "inference.window=[24,24]",
+    )
     results = run(cfg)
     assert results["split"] == "test" and results["num_images"] == 2 and 0 <= results["mIoU"] <= 100
-    assert results["inference"] == {"mode": "slide", "window": [24, 24], "stride": [16, 16], "scales": [1.0],
-                                    "flip": False}  # fmt: skip
+    assert results["inference"] == {
+        "mode": "slide",
+        "window": [24, 24],
+        "stride": [16, 16],
+        "scales": [1.0],
+        "flip": False,
+    }
     pngs = sorted((Path(cfg.paths.output_dir) / "predictions").glob("*.png"))
     assert len(pngs) == 2 and results["predictions_dir"] == str(pngs[0].parent)
     image = np.asarray(Image.open(pngs[0]))
@@ -116,9 +142,17 @@ def test_checkpoint_that_records_only_the_config_name(evaluate_cfg, tmp_path):
     # checkpoints written before the network config was recorded name the student option they were trained with
     net = instantiate(compose_train_cfg(tmp_path, ["student=resnet18_scratch"]).student, num_classes=11)
     path = tmp_path / "old.ckpt"
-    torch.save({"state_dict": {f"student.{k}": v for k, v in net.state_dict().items()},
-                "rdd_lightning": {"student": net.describe(), "student_config": "resnet18_scratch",
-                                  "dataset": "synthetic"}}, path)  # fmt: skip
+    torch.save(
+        {
+            "state_dict": {f"student.{k}": v for k, v in net.state_dict().items()},
+            "rdd_lightning": {
+                "student": net.describe(),
+                "student_config": "resnet18_scratch",
+                "dataset": "synthetic",
+            },
+        },
+        path,
+    )
     results = run(evaluate_cfg(f"ckpt_path={path}"))
     assert results["network"] == net.describe() and results["num_images"] == 4
 
@@ -157,9 +191,16 @@ def test_student_option_that_disagrees_names_both(trained, evaluate_cfg):
 @pytest.mark.slow
 def test_recorded_config_name_that_does_not_fit(trained, evaluate_cfg, tmp_path):
     # without its network record the decoder_channels=32 run falls back to student/resnet18_scratch (128)
-    old = edited_checkpoint(trained["last_checkpoint"], tmp_path / "old.ckpt",
-                            lambda c: c["rdd_lightning"].pop("network"))  # fmt: skip
-    with pytest.raises(ConfigError, match=r"ckpt_path=.* does not fit the student config"):
+    old = edited_checkpoint(
+        trained["last_checkpoint"], tmp_path / "old.ckpt", lambda c: c["rdd_lightning"].pop("network")
+    )
+    # the one line names the file, the config it was read as, the first differing shape and the fix
+    with pytest.raises(
+        ConfigError,
+        match=r"ckpt_path=.*old\.ckpt' does not fit student=resnet18_scratch .*"
+        r"net\.decoder\.aspp\.convs\.0\.0\.weight file \[32, 512, 1, 1\] vs network \[128, 512, 1, 1\].*"
+        r"choose the student config the file was trained as",
+    ):
         run(evaluate_cfg(f"ckpt_path={old}"))
 
 
@@ -190,10 +231,19 @@ def test_iou_table_names_every_class():
 @pytest.mark.slow
 def test_cli_writes_results_into_its_own_run_dir(trained, tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "rdd_lightning.evaluate", f"ckpt_path={trained['last_checkpoint']}",
-         *EVAL_TINY],
-        cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "rdd_lightning.evaluate",
+            f"ckpt_path={trained['last_checkpoint']}",
+            *EVAL_TINY,
+        ],
+        cwd=tmp_path,
+        env=cli_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (results_file,) = (tmp_path / "logs" / "evaluate" / "runs").glob("*/results.json")
     results = json.loads(results_file.read_text())
