@@ -75,20 +75,36 @@ def write_dataset(name: str, root: Path, count: int, seed: int = 0) -> Path:
     for stem in stems:
         image = photo_like(rng, hw)
         if name == "camvid":
-            write_pair(root / "train" / f"{stem}.png", root / "trainannot" / f"{stem}.png", image,
-                       label_like(rng, hw, list(range(12))))  # fmt: skip
+            write_pair(
+                root / "train" / f"{stem}.png",
+                root / "trainannot" / f"{stem}.png",
+                image,
+                label_like(rng, hw, list(range(12))),
+            )
         elif name == "cityscapes":
             city = root / "leftImg8bit" / "train" / "aachen", root / "gtFine" / "train" / "aachen"
-            write_pair(city[0] / f"aachen_{stem}_leftImg8bit.png", city[1] / f"aachen_{stem}_gtFine_labelIds.png",
-                       image, label_like(rng, hw, list(range(34))))  # fmt: skip
+            write_pair(
+                city[0] / f"aachen_{stem}_leftImg8bit.png",
+                city[1] / f"aachen_{stem}_gtFine_labelIds.png",
+                image,
+                label_like(rng, hw, list(range(34))),
+            )
         elif name == "voc":
             voc = root / "VOCdevkit" / "VOC2012"
-            write_pair(voc / "JPEGImages" / f"{stem}.jpg", voc / "SegmentationClassAug" / f"{stem}.png", image,
-                       label_like(rng, hw, [*range(21), 255]))  # fmt: skip
+            write_pair(
+                voc / "JPEGImages" / f"{stem}.jpg",
+                voc / "SegmentationClassAug" / f"{stem}.png",
+                image,
+                label_like(rng, hw, [*range(21), 255]),
+            )
         else:
             ade = root / "ADEChallengeData2016"
-            write_pair(ade / "images" / "training" / f"{stem}.jpg", ade / "annotations" / "training" / f"{stem}.png",
-                       image, label_like(rng, hw, list(range(151))))  # fmt: skip
+            write_pair(
+                ade / "images" / "training" / f"{stem}.jpg",
+                ade / "annotations" / "training" / f"{stem}.png",
+                image,
+                label_like(rng, hw, list(range(151))),
+            )
     if name == "voc":
         sets = root / "VOCdevkit" / "VOC2012" / "ImageSets" / "Segmentation"
         sets.mkdir(parents=True, exist_ok=True)
@@ -102,8 +118,15 @@ def dataset_config(name: str):
 
 def loader_throughput(dataset, batch_size: int, workers: int, passes: int) -> float:
     """Median images/s over ``passes`` full passes, after one warm-up pass."""
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True, num_workers=workers,
-                        persistent_workers=workers > 0, worker_init_fn=seed_worker)  # fmt: skip
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        worker_init_fn=seed_worker,
+    )
     rates = []
     for index in range(passes + 1):
         start, seen = time.perf_counter(), 0
@@ -147,19 +170,30 @@ def main() -> None:
             cls, hw, fmt = DATASETS[name]
             cfg = dataset_config(name)
             norm = resolve_normalization(cfg.normalization, cfg.mean, cfg.std)
-            transform = train_transform(list(cfg.crop_size), list(cfg.scale_range), cfg.hflip, norm.mean,
-                                        norm.std, norm.bgr, seed=0)  # fmt: skip
+            transform = train_transform(
+                list(cfg.crop_size), list(cfg.scale_range), cfg.hflip, norm.mean, norm.std, norm.bgr, seed=0
+            )
             root = write_dataset(name, Path(tmp) / name, args.images)
             dataset = cls(root, "train", transform)
             read = read_throughput(dataset, args.passes)
             for workers in args.workers:
                 rate = loader_throughput(dataset, args.batch_size, workers, args.passes)
-                rows.append((name, f"{hw[0]}x{hw[1]} {fmt.upper()}", "x".join(map(str, cfg.crop_size)), workers,
-                             rate, read))  # fmt: skip
+                rows.append(
+                    (
+                        name,
+                        f"{hw[0]}x{hw[1]} {fmt.upper()}",
+                        "x".join(map(str, cfg.crop_size)),
+                        workers,
+                        rate,
+                        read,
+                    )
+                )
                 print(f"{name}: {workers} worker(s) {rate:.1f} images/s", flush=True)
 
-    print(f"\n{args.images} images per dataset, batch {args.batch_size}, median of {args.passes} passes, "
-          f"torch threads {args.threads}, {os.cpu_count()} CPU(s), load average {os.getloadavg()[0]:.2f}\n")  # fmt: skip
+    print(
+        f"\n{args.images} images per dataset, batch {args.batch_size}, median of {args.passes} passes, "
+        f"torch threads {args.threads}, {os.cpu_count()} CPU(s), load average {os.getloadavg()[0]:.2f}\n"
+    )
     print("| dataset | images | crop | workers | train loader (images/s) | ms/image | read only (images/s) |")
     print("|---|---|---|---:|---:|---:|---:|")
     for name, size, crop, workers, rate, read in rows:

@@ -71,8 +71,15 @@ def main() -> None:
     net.aux_head = None
     norm = NORMALIZATIONS["imagenet"]
     classes = int(getattr(net, "num_classes", args.classes))
-    card = ModelCard([str(i) for i in range(classes)], [[0, 0, 0]] * classes, norm, int(net.output_stride),
-                     format="onnx", returns="class_map", uint8_input=True)  # fmt: skip
+    card = ModelCard(
+        [str(i) for i in range(classes)],
+        [[0, 0, 0]] * classes,
+        norm,
+        int(net.output_stride),
+        format="onnx",
+        returns="class_map",
+        uint8_input=True,
+    )
     eager = standalone(net, "class_map", norm, with_aux=False)
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path, ts_path = Path(tmp) / "student.onnx", Path(tmp) / "student.torchscript.pt"
@@ -111,11 +118,13 @@ def main() -> None:
             agree = float((torch.from_numpy(session.run(None, feed)[0]) == ref).float().mean())
 
     eager_s = statistics.median(times["PyTorch eager"])
-    print(f"\n{type(net).__name__} {getattr(net, 'arch', '')}-{getattr(net, 'encoder_name', '')}, {classes} classes, "
-          f"batch {args.batch} x {args.size[0]}x{args.size[1]} uint8 -> class map, {args.threads} threads, "
-          f"median of {args.runs} rounds ({platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"onnxruntime {ort.__version__}; ONNX export took {onnx_export_s:.1f} s; ONNX = eager on "
-          f"{agree * 100:.3f} % of pixels)\n")  # fmt: skip
+    print(
+        f"\n{type(net).__name__} {getattr(net, 'arch', '')}-{getattr(net, 'encoder_name', '')}, {classes} classes, "
+        f"batch {args.batch} x {args.size[0]}x{args.size[1]} uint8 -> class map, {args.threads} threads, "
+        f"median of {args.runs} rounds ({platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"onnxruntime {ort.__version__}; ONNX export took {onnx_export_s:.1f} s; ONNX = eager on "
+        f"{agree * 100:.3f} % of pixels)\n"
+    )
     print("| runtime | s / batch | images/s | × eager speed |")
     print("|---|---|---|---|")
     for name in runtimes:

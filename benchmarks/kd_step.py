@@ -191,16 +191,28 @@ def machine(device: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"),
-                        help="input crop (default 128 128 on CPU, 512 1024 on CUDA)")  # fmt: skip
+    parser.add_argument(
+        "--size",
+        type=int,
+        nargs=2,
+        default=None,
+        metavar=("H", "W"),
+        help="input crop (default 128 128 on CPU, 512 1024 on CUDA)",
+    )
     parser.add_argument(
         "--batch", type=int, default=None, help="images per step (default 2 on CPU, 4 on CUDA)"
     )
     parser.add_argument("--amp", action="store_true", help="mixed precision (fp16 + loss scaler on CUDA)")
     parser.add_argument("--steps", type=int, default=5, help="timed rounds (the median is reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
-    parser.add_argument("--configs", nargs="+", default=CONFIGS, choices=CONFIGS, metavar="NAME",
-                        help=f"configs to run (default: all; kd is always added): {' '.join(CONFIGS)}")  # fmt: skip
+    parser.add_argument(
+        "--configs",
+        nargs="+",
+        default=CONFIGS,
+        choices=CONFIGS,
+        metavar="NAME",
+        help=f"configs to run (default: all; kd is always added): {' '.join(CONFIGS)}",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers to this file")
     args = parser.parse_args()
     cuda = args.device.startswith("cuda")
@@ -212,10 +224,12 @@ def main() -> None:
     names = ["kd", *[c for c in args.configs if c != "kd"]]
 
     torch.manual_seed(0)
-    student = build_model("DeepLabV3", "resnet18", NUM_CLASSES, encoder_output_stride=8, decoder_channels=128,
-                          upsampling=1)  # fmt: skip
-    teacher = build_model("DeepLabV3", "resnet101", NUM_CLASSES, encoder_output_stride=8, decoder_channels=256,
-                          upsampling=1).to(args.device)  # fmt: skip
+    student = build_model(
+        "DeepLabV3", "resnet18", NUM_CLASSES, encoder_output_stride=8, decoder_channels=128, upsampling=1
+    )
+    teacher = build_model(
+        "DeepLabV3", "resnet101", NUM_CLASSES, encoder_output_stride=8, decoder_channels=256, upsampling=1
+    ).to(args.device)
     cases = [Case(name, student, teacher, args.device, args.amp) for name in names]
     images, target = make_batch(batch, size, args.device)
     print(f"# {machine(args.device)}; input {batch}x3x{size[0]}x{size[1]}, amp={args.amp}", flush=True)
@@ -241,11 +255,23 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|")
     for name in names:
         r = results[name]
-        print(f"| `{name}` | {r['ms']:.0f} | {r['ms'] / ref['ms']:.2f} | {r['peak_mib']:.0f} | "
-              f"{r['peak_mib'] / ref['peak_mib']:.2f} |")  # fmt: skip
+        print(
+            f"| `{name}` | {r['ms']:.0f} | {r['ms'] / ref['ms']:.2f} | {r['peak_mib']:.0f} | "
+            f"{r['peak_mib'] / ref['peak_mib']:.2f} |"
+        )
     if args.json:
-        args.json.write_text(json.dumps({"machine": machine(args.device), "size": size, "batch": batch,
-                                         "amp": args.amp, "results": results}, indent=2))  # fmt: skip
+        args.json.write_text(
+            json.dumps(
+                {
+                    "machine": machine(args.device),
+                    "size": size,
+                    "batch": batch,
+                    "amp": args.amp,
+                    "results": results,
+                },
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

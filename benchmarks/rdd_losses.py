@@ -143,8 +143,9 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_cases(device: str, repeats: int, setting: Setting = CITYSCAPES,
-               cases: tuple[str, ...] = CASES) -> dict[str, float]:  # fmt: skip
+def time_cases(
+    device: str, repeats: int, setting: Setting = CITYSCAPES, cases: tuple[str, ...] = CASES
+) -> dict[str, float]:
     """Median wall time (ms) of forward + backward per case, interleaved rounds after one warm-up round."""
     x = make_inputs(device, setting)
     times: dict[str, list[float]] = {c: [] for c in cases}
@@ -201,8 +202,10 @@ def peak_memory(
         size = f"{setting.B},{setting.C},{setting.H},{setting.W}"
         proc = subprocess.run(
             [sys.executable, __file__, "--device", device, "--_memory-case", case, "--_setting", size],
-            capture_output=True, text=True, check=True,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         out[case] = json.loads(proc.stdout.strip().splitlines()[-1])["peak_mib"]
     return out
 
@@ -232,19 +235,25 @@ SCALING = {
 SCALING_CASES = ("plain+aux", "tfe+aux", "tse+aux")
 
 
-def cost_table(device: str, repeats: int, setting: Setting, memory: bool,
-               cases: tuple[str, ...] = CASES) -> list[dict]:  # fmt: skip
+def cost_table(
+    device: str, repeats: int, setting: Setting, memory: bool, cases: tuple[str, ...] = CASES
+) -> list[dict]:
     """One row per case: median ms, peak MiB and both as ratios to the plain loss of the same heads."""
     times = time_cases(device, repeats, setting, cases)
     mem = peak_memory(device, setting, cases) if memory else None
     rows = []
     for case in cases:
         plain = "plain+aux" if case.endswith("+aux") else "plain noaux"
-        rows.append({
-            "setting": str(setting), "case": case, "ms": times[case], "time_ratio": times[case] / times[plain],
-            "peak_mib": None if mem is None else mem[case],
-            "memory_ratio": None if mem is None else mem[case] / mem[plain],
-        })  # fmt: skip
+        rows.append(
+            {
+                "setting": str(setting),
+                "case": case,
+                "ms": times[case],
+                "time_ratio": times[case] / times[plain],
+                "peak_mib": None if mem is None else mem[case],
+                "memory_ratio": None if mem is None else mem[case] / mem[plain],
+            }
+        )
     return rows
 
 
@@ -280,8 +289,10 @@ def main() -> None:
         print(json.dumps({"peak_mib": _peak_mib_this_process(args.memory_case, args.device, setting)}))
         return
 
-    print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
-          f"repeats {args.repeats}, logits at 1/{STRIDE} of the labels")  # fmt: skip
+    print(
+        f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
+        f"repeats {args.repeats}, logits at 1/{STRIDE} of the labels"
+    )
     if not args.scaling:
         print(f"{CITYSCAPES}; {describe_masks(args.device)}\n")
         rows = cost_table(args.device, args.repeats, CITYSCAPES, not args.no_memory)

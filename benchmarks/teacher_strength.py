@@ -102,9 +102,18 @@ def run_group(
         return
     attempt = root / group / f"attempt{len(list((root / group).glob('attempt*')))}"
     command = [
-        sys.executable, "-m", "rdd_lightning.train", "-m", *overrides, *QUIET, *extra, "task_name=teacher_strength",
-        f"seed={','.join(map(str, missing))}", f"hydra.sweep.dir={attempt}", "hydra.sweep.subdir=seed${seed}",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "rdd_lightning.train",
+        "-m",
+        *overrides,
+        *QUIET,
+        *extra,
+        "task_name=teacher_strength",
+        f"seed={','.join(map(str, missing))}",
+        f"hydra.sweep.dir={attempt}",
+        "hydra.sweep.subdir=seed${seed}",
+    ]
     print(f"[{time.strftime('%H:%M:%S')}] {group}: seeds {missing}", flush=True)
     if dry_run:
         print("  " + " ".join(command))
@@ -157,15 +166,23 @@ def summarise(root: Path, groups: list[tuple[str, int | None, list[str]]]) -> di
         teacher = statistics.fmean(
             r["teacher_val_miou"] for r in runs if r.get("teacher_val_miou") is not None
         )
-        fractions = [
-            f for r in runs if (f := tse_fractions(Path(r["output_dir"]), mode)) is not None
-        ]  # fmt: skip
+        fractions = [f for r in runs if (f := tse_fractions(Path(r["output_dir"]), mode)) is not None]
         mean, std = mean_std(list(mious.values()))
-        rows.append({
-            "group": group, "teacher_steps": steps, "teacher_miou": teacher, "method": group.split("_", 1)[1],
-            "n": len(mious), "miou_mean": mean, "miou_std": std, "mious": mious,
-            "tse": {k: statistics.fmean(f[k] for f in fractions) for k in fractions[0]} if fractions else None,
-        })  # fmt: skip
+        rows.append(
+            {
+                "group": group,
+                "teacher_steps": steps,
+                "teacher_miou": teacher,
+                "method": group.split("_", 1)[1],
+                "n": len(mious),
+                "miou_mean": mean,
+                "miou_std": std,
+                "mious": mious,
+                "tse": {k: statistics.fmean(f[k] for f in fractions) for k in fractions[0]}
+                if fractions
+                else None,
+            }
+        )
     by_group = {r["group"]: r for r in rows}
     for r in rows:  # per seed (the same seed: the same data order and initialisation), the same teacher
         # - KD for every method but KD; - RDD (its defaults) for the threshold / min_kept runs
@@ -206,11 +223,19 @@ def markdown(summary: dict) -> str:
         gap = "–" if alone["mean"] is None else f"{r['teacher_miou'] - alone['mean']:+.2f}"
         tse = r["tse"]
         return [
-            str(r["teacher_steps"]), f"{r['teacher_miou']:.2f}", gap, r["method"], str(r["n"]),
-            fmt(r["miou_mean"], r["miou_std"]), fmt(r.get("minus_kd_mean"), r.get("minus_kd_std"), True), *middle,
-            *("–" if tse is None else f"{tse[k]:.1%}" for k in ("student_hard", "teacher_hard", "both_hard",
-                                                              "selected")),
-        ]  # fmt: skip
+            str(r["teacher_steps"]),
+            f"{r['teacher_miou']:.2f}",
+            gap,
+            r["method"],
+            str(r["n"]),
+            fmt(r["miou_mean"], r["miou_std"]),
+            fmt(r.get("minus_kd_mean"), r.get("minus_kd_std"), True),
+            *middle,
+            *(
+                "–" if tse is None else f"{tse[k]:.1%}"
+                for k in ("student_hard", "teacher_hard", "both_hard", "selected")
+            ),
+        ]
 
     main_rows = [cells(r) for r in summary["rows"] if r["method"] in MAIN]
     lines = [
@@ -218,8 +243,10 @@ def markdown(summary: dict) -> str:
         "",
         markdown_table([*head, *tse_head], main_rows),
     ]
-    other = sorted((r for r in summary["rows"] if r["method"] in SENSITIVITY),
-                   key=lambda r: (r["teacher_steps"], r["method"]))  # fmt: skip
+    other = sorted(
+        (r for r in summary["rows"] if r["method"] in SENSITIVITY),
+        key=lambda r: (r["teacher_steps"], r["method"]),
+    )
     if other:
         head[3] = "setting"
         rows = [cells(r, fmt(r.get("minus_default_mean"), r.get("minus_default_std"), True)) for r in other]
@@ -246,12 +273,24 @@ def plot(summary: dict, out: Path) -> None:
         x = [r["teacher_miou"] - alone for r in rows]
         y = [r["minus_kd_mean"] for r in rows]
         err = [r["minus_kd_std"] or 0.0 for r in rows]
-        ax.errorbar(x, y, yerr=err, color=colour, marker=marker, capsize=4,
-                    label=f"RDD ({method.split('_')[1].upper()}) − KD")  # fmt: skip
+        ax.errorbar(
+            x,
+            y,
+            yerr=err,
+            color=colour,
+            marker=marker,
+            capsize=4,
+            label=f"RDD ({method.split('_')[1].upper()}) − KD",
+        )
         if method == "rdd_xor":  # one label per teacher (both curves share the x of each teacher)
             for xi, yi, r in zip(x, y, rows, strict=True):
-                ax.annotate(f"{r['teacher_steps']} it., {r['teacher_miou']:.1f}", (xi, yi),
-                            textcoords="offset points", xytext=(6, -12), fontsize=8)  # fmt: skip
+                ax.annotate(
+                    f"{r['teacher_steps']} it., {r['teacher_miou']:.1f}",
+                    (xi, yi),
+                    textcoords="offset points",
+                    xytext=(6, -12),
+                    fontsize=8,
+                )
     ax.axhline(0.0, color="grey", linewidth=1)
     ax.margins(x=0.15)
     ax.set_xlabel(

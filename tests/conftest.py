@@ -44,8 +44,9 @@ def _offline_and_quiet(monkeypatch, tmp_path_factory):
         wandb.finish()
 
 
-def compose_train_cfg(tmp_path: Path, overrides: list[str], config_name: str = "train",
-                      run_dir: Path | None = None) -> DictConfig:  # fmt: skip
+def compose_train_cfg(
+    tmp_path: Path, overrides: list[str], config_name: str = "train", run_dir: Path | None = None
+) -> DictConfig:
     """Compose ``conf/<config_name>.yaml`` with ``overrides`` as ``python -m rdd_lightning.train`` would,
     with the run directory at ``run_dir`` (default ``tmp_path/run``) and HydraConfig set (for
     ``${hydra:...}`` interpolations and the group choices)."""
@@ -85,8 +86,15 @@ def repo_root() -> Path:
 
 def cli_env(tmp_path: Path) -> dict[str, str]:
     env = dict(os.environ)
-    env.update({"WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "RDD_ROOT": str(tmp_path),
-                "RDD_CACHE_DIR": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"})  # fmt: skip
+    env.update(
+        {
+            "WANDB_MODE": "offline",
+            "HF_HUB_OFFLINE": "1",
+            "RDD_ROOT": str(tmp_path),
+            "RDD_CACHE_DIR": str(tmp_path / "cache"),
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     return env
 
 

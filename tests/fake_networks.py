@@ -19,9 +19,14 @@ from rdd_lightning.data.transforms import CAFFE_MEAN_BGR, IMAGENET_MEAN, IMAGENE
 from rdd_lightning.models import build_model
 
 TINY_NETWORK = {
-    "arch": "DeepLabV3", "encoder_name": "resnet18", "encoder_weights": None, "aux_head": True,
-    "encoder_output_stride": 8, "decoder_channels": 32, "upsampling": 1,
-}  # fmt: skip
+    "arch": "DeepLabV3",
+    "encoder_name": "resnet18",
+    "encoder_weights": None,
+    "aux_head": True,
+    "encoder_output_stride": 8,
+    "decoder_channels": 32,
+    "upsampling": 1,
+}
 
 
 def blocky_image(rng: np.random.Generator, height: int, width: int, block: int = 8) -> np.ndarray:
@@ -75,8 +80,9 @@ def assert_same_classes(got: np.ndarray, logits: torch.Tensor, tolerance: float 
     assert np.array_equal(got[decided], expected[decided])
 
 
-def varied_network(num_classes: int, normalization: str = "imagenet", seed: int = 0,
-                   network: dict | None = None) -> torch.nn.Module:  # fmt: skip
+def varied_network(
+    num_classes: int, normalization: str = "imagenet", seed: int = 0, network: dict | None = None
+) -> torch.nn.Module:
     """A fresh network (``network``: build_model arguments, default :data:`TINY_NETWORK`) in eval mode whose
     BatchNorm statistics were measured on four random blocky 64x64 images under ``normalization``."""
     torch.manual_seed(seed)
@@ -93,8 +99,9 @@ def varied_network(num_classes: int, normalization: str = "imagenet", seed: int 
     return net.eval()
 
 
-def save_checkpoint(net: torch.nn.Module, path: Path, *, dataset: str | None, network: dict | None,
-                    base: dict | None = None) -> Path:  # fmt: skip
+def save_checkpoint(
+    net: torch.nn.Module, path: Path, *, dataset: str | None, network: dict | None, base: dict | None = None
+) -> Path:
     """``net`` as a checkpoint of this package (``base``: another checkpoint whose other entries are kept)."""
     checkpoint = dict(base or {})
     checkpoint["state_dict"] = {f"student.{k}": v for k, v in net.state_dict().items()}

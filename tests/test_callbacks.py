@@ -22,7 +22,7 @@ def rdd_module(blend: str = "none") -> DistillationModule:
         teacher=tiny_net(1),
         objective=DistillationObjective(
             name="rdd", task="rdd", kd={"weight": 1.0}, blend=blend, tse={"min_kept": 10}
-        ),  # fmt: skip
+        ),
         optimizer=functools.partial(torch.optim.SGD, lr=0.01, momentum=0.9),
         scheduler=None,
         num_classes=NUM_CLASSES,
@@ -48,9 +48,17 @@ def fit(
     module, tmp_path, switch: RDDStageSwitch, max_steps: int, ckpt_path=None
 ) -> tuple[L.Trainer, StageRecorder]:
     recorder = StageRecorder()
-    trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=tmp_path, limit_val_batches=0,
-                        callbacks=[switch, recorder], log_every_n_steps=1)  # fmt: skip
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=max_steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        limit_val_batches=0,
+        callbacks=[switch, recorder],
+        log_every_n_steps=1,
+    )
     loader = DataLoader(RandomScenes(), batch_size=2, shuffle=False, drop_last=True)  # 4 batches / epoch
     trainer.fit(module, train_dataloaders=loader, ckpt_path=ckpt_path)
     return trainer, recorder

@@ -37,8 +37,17 @@ def test_every_group_option_composes(tmp_path, group, option):
 
 def test_required_keys(tmp_path):
     cfg = compose_train_cfg(tmp_path, [])
-    for key in ["dataset.root", "dataset.crop_size", "dataset.batch_size", "dataset.num_workers",
-                "teacher.checkpoint", "seed", "ckpt_path", "task_name", "trainer.max_steps"]:  # fmt: skip
+    for key in [
+        "dataset.root",
+        "dataset.crop_size",
+        "dataset.batch_size",
+        "dataset.num_workers",
+        "teacher.checkpoint",
+        "seed",
+        "ckpt_path",
+        "task_name",
+        "trainer.max_steps",
+    ]:
         assert OmegaConf.select(cfg, key, throw_on_missing=True) is not None or key == "ckpt_path", key
     assert cfg.dataset.name == "synthetic" and cfg.teacher.checkpoint == "auto"
 
@@ -108,8 +117,15 @@ def test_slurm_launcher_follows_the_trainer(tmp_path):
     from hydra.core.global_hydra import GlobalHydra
 
     GlobalHydra.instance().clear()
-    overrides = ["hydra/launcher=submitit_slurm", "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2",
-                 "hydra.launcher.partition=gpu", "hydra.launcher.account=lab", "hydra.launcher.qos=high"]  # fmt: skip
+    overrides = [
+        "hydra/launcher=submitit_slurm",
+        "trainer=ddp",
+        "trainer.devices=4",
+        "trainer.num_nodes=2",
+        "hydra.launcher.partition=gpu",
+        "hydra.launcher.account=lab",
+        "hydra.launcher.qos=high",
+    ]
     with initialize_config_module(config_module="rdd_lightning.conf", version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
     launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)

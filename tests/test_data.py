@@ -79,9 +79,15 @@ def write_cityscapes(root: Path, counts: dict[str, int] | None = None, hw: tuple
     return root
 
 
-def write_voc(root: Path, train_ids: int = 3, val_ids: int = 2, aug_mode: str = "L",
-              train_list: str = "ImageSets/Segmentation/train_aug.txt", two_column: bool = False,
-              hw: tuple[int, int] = HW) -> Path:  # fmt: skip
+def write_voc(
+    root: Path,
+    train_ids: int = 3,
+    val_ids: int = 2,
+    aug_mode: str = "L",
+    train_list: str = "ImageSets/Segmentation/train_aug.txt",
+    two_column: bool = False,
+    hw: tuple[int, int] = HW,
+) -> Path:
     """``VOCdevkit/VOC2012`` under ``root``: JPEG images, palette ``SegmentationClass`` (val) and
     ``SegmentationClassAug`` (train; ``aug_mode`` ``L`` = grayscale or ``P`` = palette) with 255 borders."""
     voc = root / "VOCdevkit" / "VOC2012"
@@ -216,9 +222,16 @@ def test_ade20k_shifts_classes_and_voids_other(tmp_path):
 def test_datamodule_batches(tmp_path, name):
     WRITERS[name](tmp_path / name)
     cls = CLASSES[name]
-    dm = SegmentationDataModule(name, f"rdd_lightning.data.{cls.__name__}", str(tmp_path / name),
-                                cls.NUM_CLASSES, crop_size=[8, 12], batch_size=2, num_workers=0,
-                                palette=cls.PALETTE)  # fmt: skip
+    dm = SegmentationDataModule(
+        name,
+        f"rdd_lightning.data.{cls.__name__}",
+        str(tmp_path / name),
+        cls.NUM_CLASSES,
+        crop_size=[8, 12],
+        batch_size=2,
+        num_workers=0,
+        palette=cls.PALETTE,
+    )
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     assert batch["image"].shape == (2, 3, 8, 12) and batch["image"].dtype == torch.float32

@@ -16,8 +16,14 @@ from tests.test_data import HW, rgb_image, save, write_camvid, write_cityscapes
 
 
 def datamodule(root: Path, name: str = "cityscapes", cls=Cityscapes) -> SegmentationDataModule:
-    return SegmentationDataModule(name, f"rdd_lightning.data.{cls.__name__}", str(root), cls.NUM_CLASSES,
-                                  crop_size=[8, 8], num_workers=0)  # fmt: skip
+    return SegmentationDataModule(
+        name,
+        f"rdd_lightning.data.{cls.__name__}",
+        str(root),
+        cls.NUM_CLASSES,
+        crop_size=[8, 8],
+        num_workers=0,
+    )
 
 
 def break_three_files(root: Path) -> list[str]:
@@ -70,8 +76,18 @@ def test_cli_reports_all_bad_files_and_exits_non_zero(tmp_path, monkeypatch, cap
     root = write_cityscapes(tmp_path / "cityscapes")
     names = break_three_files(root)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["check_data", "dataset=cityscapes", f"dataset.root={root}", "num_workers=2",
-                                      "progress=false", f"hydra.run.dir={tmp_path / 'run'}"])  # fmt: skip
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "check_data",
+            "dataset=cityscapes",
+            f"dataset.root={root}",
+            "num_workers=2",
+            "progress=false",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+    )
     with pytest.raises(SystemExit) as exit_info:
         main()
     assert exit_info.value.code == 1
@@ -84,8 +100,17 @@ def test_cli_reports_all_bad_files_and_exits_non_zero(tmp_path, monkeypatch, cap
 
 def test_cli_config_error_is_one_line_with_exit_2(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["check_data", "dataset=voc", f"dataset.root={tmp_path}",
-                                      "dataset.num_classes=20", f"hydra.run.dir={tmp_path / 'run'}"])  # fmt: skip
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "check_data",
+            "dataset=voc",
+            f"dataset.root={tmp_path}",
+            "dataset.num_classes=20",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+    )
     with pytest.raises(SystemExit) as exit_info:
         main()
     assert exit_info.value.code == 2

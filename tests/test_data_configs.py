@@ -23,8 +23,19 @@ RECIPES = {
     "voc": ([512, 512], 40000, 4000),
     "ade20k": ([512, 512], 80000, 8000),
 }
-SEGNET_CAMVID_COLOURS = [[128, 128, 128], [128, 0, 0], [192, 192, 128], [128, 64, 128], [60, 40, 222],
-                         [128, 128, 0], [192, 128, 128], [64, 64, 128], [64, 0, 128], [64, 64, 0], [0, 128, 192]]  # fmt: skip
+SEGNET_CAMVID_COLOURS = [
+    [128, 128, 128],
+    [128, 0, 0],
+    [192, 192, 128],
+    [128, 64, 128],
+    [60, 40, 222],
+    [128, 128, 0],
+    [192, 128, 128],
+    [64, 64, 128],
+    [64, 0, 128],
+    [64, 64, 0],
+    [0, 128, 192],
+]
 
 
 @pytest.mark.parametrize("name", list(RECIPES))
@@ -83,9 +94,18 @@ def test_two_training_steps_then_evaluate(tmp_path, name):
     assert Path(results["best_checkpoint"]).is_file()
     # the evaluate entry point reads the same layout and reproduces the run's final validation
     eval_overrides = [o for o in REAL_TINY if o.startswith(("dataset.", "trainer."))]
-    eval_cfg = compose_train_cfg(tmp_path, [*eval_overrides, f"dataset={name}", f"dataset.root={root}",
-                                            f"ckpt_path={results['last_checkpoint']}", "save_predictions=true"],
-                                 config_name="evaluate", run_dir=tmp_path / "eval")  # fmt: skip
+    eval_cfg = compose_train_cfg(
+        tmp_path,
+        [
+            *eval_overrides,
+            f"dataset={name}",
+            f"dataset.root={root}",
+            f"ckpt_path={results['last_checkpoint']}",
+            "save_predictions=true",
+        ],
+        config_name="evaluate",
+        run_dir=tmp_path / "eval",
+    )
     evaluated = evaluate(eval_cfg)
     assert evaluated["mIoU"] == pytest.approx(results["final_val_miou"], abs=1e-6)
     assert len(list((tmp_path / "eval" / "predictions").glob("*.png"))) == evaluated["num_images"]

@@ -55,8 +55,9 @@ def interior(mask: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("interpolation", [cv2.INTER_NEAREST, cv2.INTER_LINEAR])
 def test_train_transform_keeps_image_and_label_aligned(interpolation):
-    tf = train_transform((32, 40), (0.5, 2.0), 0.5, mean=(0, 0, 0), std=(1, 1, 1), interpolation=interpolation,
-                         seed=0)  # fmt: skip
+    tf = train_transform(
+        (32, 40), (0.5, 2.0), 0.5, mean=(0, 0, 0), std=(1, 1, 1), interpolation=interpolation, seed=0
+    )
     checked = flipped_or_scaled = 0
     for seed in range(40):
         image, label = colour_coded(seed)
@@ -94,8 +95,10 @@ def test_caffe_normalization_is_bgr_minus_mean_pixel():
     assert norm.bgr
     image = np.zeros((4, 4, 3), np.uint8)
     image[..., 0], image[..., 1], image[..., 2] = 10, 20, 30  # r, g, b
-    for tf in (eval_transform(norm.mean, norm.std, norm.bgr),
-               train_transform((4, 4), (1.0, 1.0), 0.0, norm.mean, norm.std, norm.bgr, seed=0)):  # fmt: skip
+    for tf in (
+        eval_transform(norm.mean, norm.std, norm.bgr),
+        train_transform((4, 4), (1.0, 1.0), 0.0, norm.mean, norm.std, norm.bgr, seed=0),
+    ):
         out = tf(image=image, mask=np.zeros((4, 4), np.uint8))["image"]
         expected = np.array([30, 20, 10]) - np.array(CAFFE_MEAN_BGR)  # b, g, r minus the BGR mean
         np.testing.assert_allclose(out[:, 0, 0].numpy(), expected, atol=1e-3)

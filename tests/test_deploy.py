@@ -37,8 +37,14 @@ from tests.fake_networks import (
 )
 
 # a supervised student (no teacher to train), on BGR mean-subtracted input so the channel order is exercised
-TRAIN = ["distillation=none", "student.decoder_channels=32", "dataset.normalization=caffe", "trainer.max_steps=2",
-         "trainer.val_check_interval=2", "task_name=student"]  # fmt: skip
+TRAIN = [
+    "distillation=none",
+    "student.decoder_channels=32",
+    "dataset.normalization=caffe",
+    "trainer.max_steps=2",
+    "trainer.val_check_interval=2",
+    "task_name=student",
+]
 DATASET_TINY = [o for o in TINY if o.startswith("dataset.")]
 IMAGES = {"street/a.png": (56, 72), "street/b.png": (40, 48), "park/c.png": (56, 72), "d.png": (61, 77)}
 
@@ -90,8 +96,13 @@ def read(path: Path) -> np.ndarray:
 @pytest.mark.slow
 def test_trained_student_segments_a_folder_into_palette_masks_and_overlays(trained, images, predict_cfg):
     folder, pixels = images
-    cfg = predict_cfg(f"ckpt_path={trained['best_checkpoint']}", f"input={folder}", "save.labels=true",
-                      "overlay_format=png", "overlay_alpha=0.25")  # fmt: skip
+    cfg = predict_cfg(
+        f"ckpt_path={trained['best_checkpoint']}",
+        f"input={folder}",
+        "save.labels=true",
+        "overlay_format=png",
+        "overlay_alpha=0.25",
+    )
     summary = predict.run(cfg)
     out = Path(cfg.output)
     assert out == Path(cfg.paths.output_dir) and summary["num_images"] == 4
@@ -121,8 +132,14 @@ def test_trained_student_segments_a_folder_into_palette_masks_and_overlays(train
 def test_every_image_as_the_inference_code_predicts_it_alone(varied, images, predict_cfg, inputs, inference):
     # batches of 3: a and c (56x72) share one, b and d each have their own; each must match its own forward
     folder, pixels = images
-    cfg = predict_cfg(f"ckpt_path={varied}", f"input={folder / inputs}", "save.labels=true",
-                      "save.overlay=false", "batch_size=3", *inference)  # fmt: skip
+    cfg = predict_cfg(
+        f"ckpt_path={varied}",
+        f"input={folder / inputs}",
+        "save.labels=true",
+        "save.overlay=false",
+        "batch_size=3",
+        *inference,
+    )
     summary = predict.run(cfg)
     settings = InferenceConfig.from_any(summary["inference"])
     assert settings.mode == ("slide" if inference else "whole")
@@ -139,8 +156,13 @@ def test_every_image_as_the_inference_code_predicts_it_alone(varied, images, pre
 
 @pytest.mark.slow
 def test_dataset_split_as_input(trained, predict_cfg):
-    cfg = predict_cfg(f"ckpt_path={trained['last_checkpoint']}", "dataset=synthetic", *DATASET_TINY, "split=test",
-                      "save.overlay=false")  # fmt: skip
+    cfg = predict_cfg(
+        f"ckpt_path={trained['last_checkpoint']}",
+        "dataset=synthetic",
+        *DATASET_TINY,
+        "split=test",
+        "save.overlay=false",
+    )
     summary = predict.run(cfg)
     assert summary["input"] == "dataset=synthetic split=test" and summary["num_images"] == 2
     masks = sorted(p.name for p in (Path(cfg.output) / "masks").iterdir())
@@ -162,8 +184,11 @@ def test_existing_files_are_never_replaced_unless_asked(trained, images, predict
             predict_cfg(f"ckpt_path={trained['best_checkpoint']}", f"input={single}", f"output={output}")
         )
     assert mask.read_bytes() == b"mine"
-    predict.run(predict_cfg(f"ckpt_path={trained['best_checkpoint']}", f"input={single}", f"output={output}",
-                    "overwrite=true"))  # fmt: skip
+    predict.run(
+        predict_cfg(
+            f"ckpt_path={trained['best_checkpoint']}", f"input={single}", f"output={output}", "overwrite=true"
+        )
+    )
     assert read(mask).shape == (61, 77, 3) and mask.stat().st_mtime_ns != before
 
 
@@ -223,8 +248,14 @@ def test_weight_file_without_a_record_takes_dataset_and_student(predict_cfg, tmp
     image = f"input={tmp_path / 'a.png'}"
     with pytest.raises(ConfigError, match=r"records neither its dataset nor a run directory; pass dataset="):
         predict.run(predict_cfg(f"ckpt_path={path}", image))
-    cfg = predict_cfg(f"ckpt_path={path}", image, "dataset=synthetic", "student=resnet18_scratch",
-                      "student.decoder_channels=32", "save.labels=true")  # fmt: skip
+    cfg = predict_cfg(
+        f"ckpt_path={path}",
+        image,
+        "dataset=synthetic",
+        "student=resnet18_scratch",
+        "student.decoder_channels=32",
+        "save.labels=true",
+    )
     summary = predict.run(cfg)
     assert (
         summary["model"]["dataset"] == "synthetic"
@@ -352,8 +383,20 @@ def test_predict_gives_the_checkpoints_masks_with_every_export(exported, varied,
     net = network_of(varied, 11)
     references = {name: reference_logits(net, normalise(image, "caffe")) for name, image in pixels.items()}
     for name in ("onnx_pixels_aux", "ts_classes", "ts_net"):  # the state_dict opens as a checkpoint does
-        cfg = compose(tmp_path, "predict", [f"ckpt_path={exported[name]['file']}", f"input={folder}/street/*.png", "save.labels=true",
-                      "save.overlay=false", "progress_bar=false", "num_workers=0", "batch_size=2"], name)  # fmt: skip
+        cfg = compose(
+            tmp_path,
+            "predict",
+            [
+                f"ckpt_path={exported[name]['file']}",
+                f"input={folder}/street/*.png",
+                "save.labels=true",
+                "save.overlay=false",
+                "progress_bar=false",
+                "num_workers=0",
+                "batch_size=2",
+            ],
+            name,
+        )
         summary = predict.run(cfg)
         assert summary["format"] == EXPORTS[name][0].split("=")[1]
         assert summary["num_images"] == 2  # street/a.png (56x72), street/b.png (40x48)
@@ -421,12 +464,23 @@ def test_provenance_reads_the_run_record(tmp_path):
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints").mkdir(parents=True)
     ckpt = run_dir / "checkpoints" / "last.ckpt"
-    results = {"best_val_miou": 40.0, "final_val_miou": 38.5, "best_checkpoint": str(run_dir / "checkpoints/best.ckpt"),
-               "last_checkpoint": str(ckpt), "distillation": "rdd", "teacher_val_miou": 51.0, "seed": 3,
-               "experiment": "demo", "overrides": ["seed=3"]}  # fmt: skip
+    results = {
+        "best_val_miou": 40.0,
+        "final_val_miou": 38.5,
+        "best_checkpoint": str(run_dir / "checkpoints/best.ckpt"),
+        "last_checkpoint": str(ckpt),
+        "distillation": "rdd",
+        "teacher_val_miou": 51.0,
+        "seed": 3,
+        "experiment": "demo",
+        "overrides": ["seed=3"],
+    }
     (run_dir / "results.json").write_text(json.dumps(results))
-    checkpoint = {"global_step": 200, "rdd_lightning": {"teacher": {"checkpoint": "/t.ckpt", "sha256": "ab12"}},
-                  "hyper_parameters": {"inference": {"mode": "whole"}}}  # fmt: skip
+    checkpoint = {
+        "global_step": 200,
+        "rdd_lightning": {"teacher": {"checkpoint": "/t.ckpt", "sha256": "ab12"}},
+        "hyper_parameters": {"inference": {"mode": "whole"}},
+    }
     record = provenance(ckpt, checkpoint, run_dir)
     assert record["validation"]["miou"] == 38.5 and record["validation"]["weights"] == "last"
     assert record["teacher"] == {"checkpoint": "/t.ckpt", "sha256": "ab12", "val_miou": 51.0}

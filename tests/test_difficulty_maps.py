@@ -105,8 +105,12 @@ def test_no_teacher_gives_student_prediction_only():
 
 
 def test_options_from_objective():
-    rdd = DistillationObjective(name="rdd", task="rdd", tse={"mode": "or", "threshold": 0.6, "min_kept": 7},
-                                tfe={"kl_direction": "main_to_aux"})  # fmt: skip
+    rdd = DistillationObjective(
+        name="rdd",
+        task="rdd",
+        tse={"mode": "or", "threshold": 0.6, "min_kept": 7},
+        tfe={"kl_direction": "main_to_aux"},
+    )
     options = RDDOptions.from_objective(rdd)
     assert (options.mode, options.threshold, options.min_kept, options.kl_direction) == (
         "or",
@@ -165,9 +169,13 @@ def test_denormalize_inverts_the_eval_normalization():
 # ------------------------------------------------------------------------------------------------ callback
 @pytest.mark.parametrize(
     "kwargs, key",
-    [({"every_n_validations": 0}, "every_n_validations=0"), ({"every_n_validations": 1.5}, "every_n_validations"),
-     ({"indices": [0, -1]}, "indices=[0, -1]"), ({"indices": []}, "indices=[]")],
-)  # fmt: skip
+    [
+        ({"every_n_validations": 0}, "every_n_validations=0"),
+        ({"every_n_validations": 1.5}, "every_n_validations"),
+        ({"indices": [0, -1]}, "indices=[0, -1]"),
+        ({"indices": []}, "indices=[]"),
+    ],
+)
 def test_bad_options_name_the_key(kwargs, key):
     with pytest.raises(ConfigError, match=f"callbacks.difficulty_maps.{key}".replace("[", r"\[")):
         DifficultyMapLogger(**kwargs)
@@ -184,17 +192,27 @@ class ValData:
 
 
 def stub_trainer(tmp_path: Path, rank0: bool = True, loggers=()) -> SimpleNamespace:
-    return SimpleNamespace(sanity_checking=False, is_global_zero=rank0, datamodule=ValData(), loggers=list(loggers),
-                           global_step=7, default_root_dir=str(tmp_path))  # fmt: skip
+    return SimpleNamespace(
+        sanity_checking=False,
+        is_global_zero=rank0,
+        datamodule=ValData(),
+        loggers=list(loggers),
+        global_step=7,
+        default_root_dir=str(tmp_path),
+    )
 
 
 def module(teacher_aux: bool | None, task: str = "tse") -> DistillationModule:
     objective = DistillationObjective(name=task, task=task, kd={"weight": 1.0}, tse={"min_kept": 10})
     return DistillationModule(
-        student=tiny_net(0), teacher=None if teacher_aux is None else tiny_net(1, aux=teacher_aux),
-        objective=objective, optimizer=functools.partial(torch.optim.SGD, lr=0.01), scheduler=None,
-        num_classes=NUM_CLASSES, class_names=ValData.class_names,
-    )  # fmt: skip
+        student=tiny_net(0),
+        teacher=None if teacher_aux is None else tiny_net(1, aux=teacher_aux),
+        objective=objective,
+        optimizer=functools.partial(torch.optim.SGD, lr=0.01),
+        scheduler=None,
+        num_classes=NUM_CLASSES,
+        class_names=ValData.class_names,
+    )
 
 
 def test_other_ranks_do_nothing(tmp_path):
@@ -231,17 +249,33 @@ def test_runs_without_teacher_or_teacher_aux_head(tmp_path, teacher_aux):
 @pytest.fixture(scope="module")
 def teacher_ckpt(tmp_path_factory) -> Path:
     """A tiny supervised run (resnet18 with its aux head, 2 steps), the teacher of this module's runs."""
-    results = train_once(tmp_path_factory, "teacher", ["distillation=none", "student=resnet18_scratch",
-                         "trainer.max_steps=2", "trainer.val_check_interval=2", "task_name=teacher"])  # fmt: skip
+    results = train_once(
+        tmp_path_factory,
+        "teacher",
+        [
+            "distillation=none",
+            "student=resnet18_scratch",
+            "trainer.max_steps=2",
+            "trainer.val_check_interval=2",
+            "task_name=teacher",
+        ],
+    )
     return Path(results["best_checkpoint"])
 
 
 def rdd_run(train_cfg, teacher_ckpt, *overrides: str) -> Path:
     """A tiny RDD run of 4 steps validated at steps 2 and 4 (4 validation images); returns its run dir."""
-    cfg = train_cfg("distillation=rdd", "teacher=resnet18", f"teacher.checkpoint={teacher_ckpt}",
-                    "distillation.switch.step=1", "distillation.tse.min_kept=100", "trainer.max_steps=4",
-                    "trainer.val_check_interval=2", "callbacks.difficulty_maps.indices=[0,1,2,3]",
-                    *overrides)  # fmt: skip
+    cfg = train_cfg(
+        "distillation=rdd",
+        "teacher=resnet18",
+        f"teacher.checkpoint={teacher_ckpt}",
+        "distillation.switch.step=1",
+        "distillation.tse.min_kept=100",
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=2",
+        "callbacks.difficulty_maps.indices=[0,1,2,3]",
+        *overrides,
+    )
     run(cfg)
     return Path(cfg.paths.output_dir)
 

@@ -19,8 +19,13 @@ from rdd_lightning.report import parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-HYDRA_APPS = {"train": "train", "evaluate": "evaluate", "predict": "predict", "export": "export",
-              "check_data": "check_data"}  # fmt: skip
+HYDRA_APPS = {
+    "train": "train",
+    "evaluate": "evaluate",
+    "predict": "predict",
+    "export": "export",
+    "check_data": "check_data",
+}
 FENCE = re.compile(r"^```[^\n]*\n(.*?)^```", re.MULTILINE | re.DOTALL)
 COMMAND = re.compile(r"-m rdd_lightning\.(\w+)(.*)$")
 

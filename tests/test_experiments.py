@@ -29,8 +29,16 @@ SWEEPS = PAPER + TWINS
 STUDIES = ["synthetic_table", "demo"]  # the package's own evidence and `make demo` (no paper counterpart)
 
 #: jobs of each sweep: seeds x students x methods, or seeds x ablation values
-JOBS = {"cityscapes": 72, "camvid": 12, "voc": 12, "ade20k": 6, "tfe_share": 15, "mask_modes": 12,
-        "thresholds": 15, "integrations": 24}  # fmt: skip
+JOBS = {
+    "cityscapes": 72,
+    "camvid": 12,
+    "voc": 12,
+    "ade20k": 6,
+    "tfe_share": 15,
+    "mask_modes": 12,
+    "thresholds": 15,
+    "integrations": 24,
+}
 
 # ------------------------------------------------------------------ RDD_SPEC "Published results", typed again
 _TABLE1 = {  # student: baseline, SKD, IFVD, CWD, CIRKD, RDD (Cityscapes val, T: DeepLabV3-R101 78.07)
@@ -79,7 +87,7 @@ PUBLISHED = {
             "distillation.switch.fraction",
             {"0": 76.34, "0.1": 77.18, "0.2": 76.77, "0.3": 76.58, "1.0": 74.43},
         ),
-    ),  # fmt: skip
+    ),
     "mask_modes": (78.07, _one("distillation.tse.mode", {"and": 70.01, "or": 75.32, "xor": 77.18})),
     "thresholds": (
         78.07,
@@ -87,7 +95,7 @@ PUBLISHED = {
             "distillation.tse.threshold",
             {"0.6": 76.47, "0.65": 76.88, "0.7": 76.95, "0.75": 76.66, "0.8": 76.32},
         ),
-    ),  # fmt: skip
+    ),
     "integrations": (
         78.07,
         _one(
@@ -103,7 +111,7 @@ PUBLISHED = {
                 "rdd": 77.18,
             },
         ),
-    ),  # fmt: skip
+    ),
 }
 
 #: the combination of its axes each twin trains in test_twin_trains (cover the students and modes)
@@ -119,8 +127,10 @@ TWIN_JOB = {
     "synthetic_table": ["distillation=dsd_rdd", "seed=3"],
     "demo": ["distillation=rdd"],
 }
-SMALL_MEMORY = ["distillation.terms.cirkd_memory.pixel_memory_size=500",
-                "distillation.terms.cirkd_memory.region_memory_size=50"]  # fmt: skip
+SMALL_MEMORY = [
+    "distillation.terms.cirkd_memory.pixel_memory_size=500",
+    "distillation.terms.cirkd_memory.region_memory_size=50",
+]
 TINY_STEPS = ["trainer.max_steps=2", "trainer.val_check_interval=2", "distillation.tse.min_kept=100"]
 
 
@@ -141,8 +151,11 @@ def axes(cfg: DictConfig) -> dict[str, list[str]]:
     out = {}
     for key, value in cfg.hydra.sweeper.params.items():
         (override,) = parser.parse_overrides([f"{key}={value}"])
-        out[key] = (list(override.sweep_string_iterator()) if override.is_sweep_override()
-                    else [override.get_value_element_as_str()])  # fmt: skip
+        out[key] = (
+            list(override.sweep_string_iterator())
+            if override.is_sweep_override()
+            else [override.get_value_element_as_str()]
+        )
     return out
 
 
@@ -296,8 +309,10 @@ def test_optuna_search_config():
     assert sweeper._target_.endswith("OptunaSweeper") and sweeper.direction == "maximize"
     assert sweeper.sampler._target_ == "optuna.samplers.TPESampler" and sweeper.sampler.seed is not None
     assert sweeper.n_trials >= 10 and sweeper.storage is None
-    assert dict(sweeper.params) == {"distillation.tse.threshold": "interval(0.6, 0.85)",
-                                    "distillation.switch.fraction": "choice(0.0, 0.1, 0.2, 0.3)"}  # fmt: skip
+    assert dict(sweeper.params) == {
+        "distillation.tse.threshold": "interval(0.6, 0.85)",
+        "distillation.switch.fraction": "choice(0.0, 0.1, 0.2, 0.3)",
+    }
 
 
 def test_optuna_database_storage_works(tmp_path):
@@ -314,8 +329,17 @@ def test_optuna_database_storage_works(tmp_path):
 # ------------------------------------------------------------------------------------------------ training
 @pytest.fixture(scope="module")
 def teacher_ckpt(tmp_path_factory) -> Path:
-    results = train_once(tmp_path_factory, "teacher", ["distillation=none", "student=resnet18_scratch",
-                         "trainer.max_steps=2", "trainer.val_check_interval=2", "task_name=teacher"])  # fmt: skip
+    results = train_once(
+        tmp_path_factory,
+        "teacher",
+        [
+            "distillation=none",
+            "student=resnet18_scratch",
+            "trainer.max_steps=2",
+            "trainer.val_check_interval=2",
+            "task_name=teacher",
+        ],
+    )
     return Path(results["best_checkpoint"])
 
 
@@ -330,8 +354,9 @@ def test_twin_trains(twin, teacher_ckpt, tmp_path):
     job = TWIN_JOB[twin]
     cfg = compose_with_hydra(f"experiment={twin}")
     sweep = axes(cfg)
-    assert {o.split("=")[0] for o in job} == set(sweep) and all(o.split("=")[1] in sweep[o.split("=")[0]]
-                                                                 for o in job)  # fmt: skip
+    assert {o.split("=")[0] for o in job} == set(sweep) and all(
+        o.split("=")[1] in sweep[o.split("=")[0]] for o in job
+    )
     has_tse = OmegaConf.select(compose_with_hydra(f"experiment={twin}", *job), "distillation.tse") is not None
     extra = list(
         TINY_STEPS if has_tse else TINY_STEPS[:2]
@@ -346,8 +371,14 @@ def test_twin_trains(twin, teacher_ckpt, tmp_path):
 
 
 def run_cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "rdd_lightning.train", *args], cwd=tmp_path, env=cli_env(tmp_path),
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "rdd_lightning.train", *args],
+        cwd=tmp_path,
+        env=cli_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def sweep_jobs(tmp_path: Path, task_name: str) -> tuple[Path, list[dict]]:
@@ -360,8 +391,9 @@ def sweep_jobs(tmp_path: Path, task_name: str) -> tuple[Path, list[dict]]:
 def test_experiment_alone_launches_its_multirun(teacher_ckpt, tmp_path):
     """`python -m rdd_lightning.train experiment=synthetic_ade20k` (no -m) runs the file's sweep; `seed=1` on the
     command line replaces the file's seed axis: two jobs, 0/ and 1/, one per method."""
-    proc = run_cli(tmp_path, "experiment=synthetic_ade20k", "seed=1", *TINY, *tiny_teacher(teacher_ckpt),
-                   *TINY_STEPS[:2])  # fmt: skip
+    proc = run_cli(
+        tmp_path, "experiment=synthetic_ade20k", "seed=1", *TINY, *tiny_teacher(teacher_ckpt), *TINY_STEPS[:2]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     sweep_dir, jobs = sweep_jobs(tmp_path, "synthetic_ade20k")
     assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit()) == ["0", "1"]
@@ -372,9 +404,17 @@ def test_experiment_alone_launches_its_multirun(teacher_ckpt, tmp_path):
 @pytest.mark.slow
 def test_optuna_search_runs(teacher_ckpt, tmp_path):
     """A 2-trial search on tiny data: each trial a job, the sweeper reads best_val_miou back from the task."""
-    proc = run_cli(tmp_path, "hparams_search=rdd_optuna", "hydra.sweeper.n_trials=2", "task_name=optuna", *TINY,
-                   *tiny_teacher(teacher_ckpt), "trainer.max_steps=1", "trainer.val_check_interval=1",
-                   "distillation.tse.min_kept=100")  # fmt: skip
+    proc = run_cli(
+        tmp_path,
+        "hparams_search=rdd_optuna",
+        "hydra.sweeper.n_trials=2",
+        "task_name=optuna",
+        *TINY,
+        *tiny_teacher(teacher_ckpt),
+        "trainer.max_steps=1",
+        "trainer.val_check_interval=1",
+        "distillation.tse.min_kept=100",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     sweep_dir, jobs = sweep_jobs(tmp_path, "optuna")
     assert len(jobs) == 2

@@ -66,10 +66,12 @@ class ConvNet(nn.Module):
         super().__init__()
         torch.manual_seed(0)
         self.body = nn.Sequential(
-            nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(3, 8, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(8, 8, 3, stride=2, padding=1),
+            nn.ReLU(),
             nn.Conv2d(8, NUM_CLASSES, 3, stride=2, padding=1),
-        )  # fmt: skip
+        )
 
     def forward(self, x):
         return SegOutput(logits=self.body(x), aux_logits=None, features=[x])
@@ -83,8 +85,15 @@ def convnet():
 @pytest.fixture(scope="module")
 def deeplab():
     torch.manual_seed(0)
-    net = build_model("DeepLabV3", "resnet18", NUM_CLASSES, aux_head=True, encoder_output_stride=8,
-                      decoder_channels=16, upsampling=1)  # fmt: skip
+    net = build_model(
+        "DeepLabV3",
+        "resnet18",
+        NUM_CLASSES,
+        aux_head=True,
+        encoder_output_stride=8,
+        decoder_channels=16,
+        upsampling=1,
+    )
     return net.eval()
 
 
@@ -233,11 +242,23 @@ def test_config_errors_name_the_key(cfg, match):
 
 
 def test_module_validates_with_its_inference_setting(convnet):
-    module = DistillationModule(student=convnet, teacher=None, objective=None, optimizer=None, scheduler=None,
-                                num_classes=NUM_CLASSES, class_names=["a", "b", "c"],
-                                inference=InferenceConfig(mode="slide", window=(24, 24)))  # fmt: skip
-    assert module.hparams["inference"] == {"mode": "slide", "window": [24, 24], "stride": [16, 16],
-                                           "scales": [1.0], "flip": False}  # fmt: skip
+    module = DistillationModule(
+        student=convnet,
+        teacher=None,
+        objective=None,
+        optimizer=None,
+        scheduler=None,
+        num_classes=NUM_CLASSES,
+        class_names=["a", "b", "c"],
+        inference=InferenceConfig(mode="slide", window=(24, 24)),
+    )
+    assert module.hparams["inference"] == {
+        "mode": "slide",
+        "window": [24, 24],
+        "stride": [16, 16],
+        "scales": [1.0],
+        "flip": False,
+    }
     buffer = io.BytesIO()
     torch.save(dict(module.hparams), buffer)
     buffer.seek(0)
@@ -248,6 +269,13 @@ def test_module_validates_with_its_inference_setting(convnet):
     mask = torch.zeros(2, 40, 56, dtype=torch.int64)
     preds = module.evaluation_step({"image": x, "mask": mask})
     assert torch.equal(preds, expected.argmax(1))
-    default = DistillationModule(student=convnet, teacher=None, objective=None, optimizer=None, scheduler=None,
-                                 num_classes=NUM_CLASSES, class_names=["a", "b", "c"])  # fmt: skip
+    default = DistillationModule(
+        student=convnet,
+        teacher=None,
+        objective=None,
+        optimizer=None,
+        scheduler=None,
+        num_classes=NUM_CLASSES,
+        class_names=["a", "b", "c"],
+    )
     assert torch.equal(default.predict_logits(x), whole_image_logits(convnet, x))

@@ -32,8 +32,11 @@ from rdd_lightning.train import run
 from tests.conftest import TINY, cli_env, compose_train_cfg, train_once
 from tests.test_data import write_camvid
 
-CONFIGS = sorted(p.name[: -len(".yaml")] for p in files("rdd_lightning.conf").joinpath("distillation").iterdir()
-                 if p.name.endswith(".yaml"))  # fmt: skip
+CONFIGS = sorted(
+    p.name[: -len(".yaml")]
+    for p in files("rdd_lightning.conf").joinpath("distillation").iterdir()
+    if p.name.endswith(".yaml")
+)
 METHODS = ["cwd", "at", "fitnet", "dist", "skd", "ifvd", "dsd", "cirkd"]
 NUM_CLASSES = 3
 
@@ -52,8 +55,10 @@ PUBLISHED = {
     "cirkd": {"kd": 1.0, "cirkd_minibatch": 1.0, "cirkd_memory_pixel": 0.1, "cirkd_memory_region": 0.1},
 }
 #: small CIRKD queues for the runs that do not test the shipped sizes (fast, small checkpoints)
-SMALL_MEMORY = ["distillation.terms.cirkd_memory.pixel_memory_size=500",
-                "distillation.terms.cirkd_memory.region_memory_size=50"]  # fmt: skip
+SMALL_MEMORY = [
+    "distillation.terms.cirkd_memory.pixel_memory_size=500",
+    "distillation.terms.cirkd_memory.region_memory_size=50",
+]
 
 
 def small_memory(name: str) -> list[str]:
@@ -146,8 +151,9 @@ def test_bad_term_option_is_one_line_naming_key_value_and_fix(train_cfg, key, va
 
 
 def test_weight_zero_disables_a_term(tmp_path):
-    objective = objective_of(tmp_path, "cwd", "distillation.terms.adversarial.weight=0",
-                             "distillation.terms.cwd_feature.weight=0")  # fmt: skip
+    objective = objective_of(
+        tmp_path, "cwd", "distillation.terms.adversarial.weight=0", "distillation.terms.cwd_feature.weight=0"
+    )
     assert weights(objective) == {"kd": 1.0, "cwd_logits": 3.0} and not objective.has_discriminator
     module = tiny_module(objective)
     assert len(module.distill_modules) == 0  # no connector, no discriminator
@@ -174,8 +180,15 @@ class Scenes(Dataset):
 
 def tiny_net(seed: int, channels: int, aux: bool = True):
     torch.manual_seed(seed)
-    return build_model("DeepLabV3", "resnet18", NUM_CLASSES, aux_head=aux, encoder_output_stride=8,
-                       decoder_channels=channels, upsampling=1)  # fmt: skip
+    return build_model(
+        "DeepLabV3",
+        "resnet18",
+        NUM_CLASSES,
+        aux_head=aux,
+        encoder_output_stride=8,
+        decoder_channels=channels,
+        upsampling=1,
+    )
 
 
 def tiny_module(objective, *, lr=0.01, momentum=0.9, weight_decay=0.0, scheduler=True, aux=True):
@@ -201,16 +214,28 @@ def params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def fit(module, tmp_path, steps: int, callbacks=(), **trainer_kwargs) -> L.Trainer:
-    trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        default_root_dir=tmp_path, callbacks=list(callbacks), **trainer_kwargs)  # fmt: skip
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+        callbacks=list(callbacks),
+        **trainer_kwargs,
+    )
     trainer.fit(module, train_dataloaders=DataLoader(Scenes(), batch_size=2))
     return trainer
 
 
 def skd(**adversarial) -> DistillationObjective:
-    return DistillationObjective(name="skd", kd={"weight": 1.0}, terms={"skd_pairwise": {"weight": 10.0},
-                                 "adversarial": {"weight": 0.001, **adversarial}})  # fmt: skip
+    return DistillationObjective(
+        name="skd",
+        kd={"weight": 1.0},
+        terms={"skd_pairwise": {"weight": 10.0}, "adversarial": {"weight": 0.001, **adversarial}},
+    )
 
 
 # --------------------------------------------------------------------------------------------- gradients
@@ -262,17 +287,26 @@ def test_feature_terms_read_the_configured_map(feature):
     objective = DistillationObjective(name="at", feature=feature, terms={"at": {"weight": 100.0}})
     module = tiny_module(objective)
     out, teacher_out, target = forward(module)
-    fs, ft = (out.decoder_features, teacher_out.decoder_features) if feature == "decoder" else (
-        out.features[-1], teacher_out.features[-1])  # fmt: skip
+    fs, ft = (
+        (out.decoder_features, teacher_out.decoder_features)
+        if feature == "decoder"
+        else (out.features[-1], teacher_out.features[-1])
+    )
     assert fs.shape[1] == (16 if feature == "decoder" else 512)
     losses = objective(out, teacher_out, target, module.distill_modules)
     assert losses["loss_at"].item() == pytest.approx(100.0 * independent_at(fs, ft), rel=1e-4)
 
 
 def test_connectors_are_sized_from_the_networks_and_stay_out_of_the_student():
-    objective = DistillationObjective(name="x", feature="decoder", terms={
-        "cwd_feature": {"weight": 1.0}, "fitnet": {"weight": 1.0}, "cirkd_memory": {"pixel_weight": 1.0,
-        "pixel_memory_size": 10, "region_memory_size": 5}})  # fmt: skip
+    objective = DistillationObjective(
+        name="x",
+        feature="decoder",
+        terms={
+            "cwd_feature": {"weight": 1.0},
+            "fitnet": {"weight": 1.0},
+            "cirkd_memory": {"pixel_weight": 1.0, "pixel_memory_size": 10, "region_memory_size": 5},
+        },
+    )
     module = tiny_module(objective)
     connector, regressor, memory = (
         module.distill_modules[k] for k in ("cwd_feature", "fitnet", "cirkd_memory")
@@ -287,8 +321,9 @@ def test_connectors_are_sized_from_the_networks_and_stay_out_of_the_student():
     )
     # the queues stay out of DDP's broadcast (every process enqueues the gathered global batch itself)
     assert set(module._ddp_params_and_buffers_to_ignore) == {
-        f"distill_modules.cirkd_memory.{b}" for b in ("pixel_queue", "pixel_queue_ptr", "region_queue",
-                                                      "region_queue_ptr")}  # fmt: skip
+        f"distill_modules.cirkd_memory.{b}"
+        for b in ("pixel_queue", "pixel_queue_ptr", "region_queue", "region_queue_ptr")
+    }
     assert regressor.in_channels == 16
 
 
@@ -392,8 +427,9 @@ def test_mixed_precision_scales_both_optimizers_and_updates_the_scale_once_per_s
             assert scaler.state_dict()["_growth_tracker"] == 2  # one update per step, after both steps
         discriminator = module.distill_modules["adversarial"]
         state = trainer.optimizers[1].state
-        first_moment[precision] = math.sqrt(sum(float(state[p]["exp_avg"].pow(2).sum())
-                                                for p in discriminator.parameters()))  # fmt: skip
+        first_moment[precision] = math.sqrt(
+            sum(float(state[p]["exp_avg"].pow(2).sum()) for p in discriminator.parameters())
+        )
         assert trainer.global_step == 2
     assert 0.5 < first_moment["16-mixed"] / first_moment["32-true"] < 2.0
 
@@ -409,8 +445,17 @@ def test_bf16_autocast_trains_a_discriminator_config(tmp_path):
 @pytest.fixture(scope="module")
 def teacher_ckpt(tmp_path_factory) -> Path:
     """A tiny supervised run (resnet18, 2 steps) used as the teacher of every run of this module."""
-    results = train_once(tmp_path_factory, "teacher", ["distillation=none", "student=resnet18_scratch",
-                         "trainer.max_steps=2", "trainer.val_check_interval=2", "task_name=teacher"])  # fmt: skip
+    results = train_once(
+        tmp_path_factory,
+        "teacher",
+        [
+            "distillation=none",
+            "student=resnet18_scratch",
+            "trainer.max_steps=2",
+            "trainer.val_check_interval=2",
+            "task_name=teacher",
+        ],
+    )
     return Path(results["best_checkpoint"])
 
 
@@ -430,8 +475,14 @@ def rdd_switch(name: str) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", CONFIGS)
 def test_every_config_trains_on_the_synthetic_data(train_cfg, teacher_ckpt, name):
-    cfg = train_cfg(f"distillation={name}", "teacher=resnet18", f"teacher.checkpoint={teacher_ckpt}",
-                    "trainer.max_steps=2", "trainer.val_check_interval=2", *rdd_switch(name))  # fmt: skip
+    cfg = train_cfg(
+        f"distillation={name}",
+        "teacher=resnet18",
+        f"teacher.checkpoint={teacher_ckpt}",
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        *rdd_switch(name),
+    )
     results = run(cfg)
     assert results["global_step"] == 2 and results["distillation"] == name
     objective = DistillationObjective(**OmegaConf.to_container(cfg.distillation, resolve=True))
@@ -453,12 +504,29 @@ def test_every_config_trains_on_the_synthetic_data(train_cfg, teacher_ckpt, name
 def test_every_config_trains_on_a_real_layout_dataset(tmp_path, teacher_ckpt, camvid_root, name):
     """CamVid's file layout (11 classes, void 11 -> 255), one step, no validation or checkpoints."""
     trainer = [o for o in TINY if o.startswith("trainer.")]
-    cfg = compose_train_cfg(tmp_path, ["dataset=camvid", f"dataset.root={camvid_root}", "dataset.crop_size=[32,32]",
-                                       "dataset.batch_size=2", "dataset.num_workers=0", "student=resnet18_scratch",
-                                       "teacher=resnet18", f"teacher.checkpoint={teacher_ckpt}", *trainer,
-                                       "trainer.max_steps=1", "+trainer.limit_val_batches=0", "validate_final=false",
-                                       "trainer.val_check_interval=1", "callbacks=none", "logger=none",
-                                       f"distillation={name}", *rdd_switch(name), *small_memory(name)])  # fmt: skip
+    cfg = compose_train_cfg(
+        tmp_path,
+        [
+            "dataset=camvid",
+            f"dataset.root={camvid_root}",
+            "dataset.crop_size=[32,32]",
+            "dataset.batch_size=2",
+            "dataset.num_workers=0",
+            "student=resnet18_scratch",
+            "teacher=resnet18",
+            f"teacher.checkpoint={teacher_ckpt}",
+            *trainer,
+            "trainer.max_steps=1",
+            "+trainer.limit_val_batches=0",
+            "validate_final=false",
+            "trainer.val_check_interval=1",
+            "callbacks=none",
+            "logger=none",
+            f"distillation={name}",
+            *rdd_switch(name),
+            *small_memory(name),
+        ],
+    )
     results = run(cfg)
     assert results["global_step"] == 1 and results["dataset"] == "camvid"
 
@@ -474,9 +542,16 @@ def test_preempted_and_resumed_run_ends_with_the_uninterrupted_weights(tmp_path,
     """skd (manual optimization: both optimizers' states, the discriminator's spectral-norm vectors) and cirkd
     (the memory queues and their pointers) pre-empted during step 3 (after the step-2 validation) and resumed in place end where an uninterrupted
     run ends."""
-    common = [*TINY, f"distillation={name}", "teacher=resnet18", f"teacher.checkpoint={teacher_ckpt}",
-              "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.deterministic=true",
-              *small_memory(name)]  # fmt: skip
+    common = [
+        *TINY,
+        f"distillation={name}",
+        "teacher=resnet18",
+        f"teacher.checkpoint={teacher_ckpt}",
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=2",
+        "trainer.deterministic=true",
+        *small_memory(name),
+    ]
     whole = run(compose_train_cfg(tmp_path, common, run_dir=tmp_path / "whole"))
     stop = ["+callbacks.signal._target_=tests.test_kd_methods.SignalAtStep", "+callbacks.signal.step=2"]
     with pytest.raises(Preempted):
@@ -517,11 +592,26 @@ DDP_DATA = [o for o in TINY if o.startswith("dataset.") and "batch_size" not in 
 
 def train_ddp(tmp_path: Path, run_dir: Path, *overrides: str) -> dict:
     """``python -m rdd_lightning.train`` as 2 CPU processes (gloo); its results.json."""
-    args = [*DDP_DATA, "trainer.enable_progress_bar=false", "~callbacks.progress_bar", "trainer.enable_model_summary=false",
-            "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
-            f"hydra.run.dir={run_dir}", *overrides]  # fmt: skip
-    proc = subprocess.run([sys.executable, "-m", "rdd_lightning.train", *args], cwd=tmp_path, env=cli_env(tmp_path),
-                          capture_output=True, text=True, timeout=400)  # fmt: skip
+    args = [
+        *DDP_DATA,
+        "trainer.enable_progress_bar=false",
+        "~callbacks.progress_bar",
+        "trainer.enable_model_summary=false",
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.precision=32-true",
+        f"hydra.run.dir={run_dir}",
+        *overrides,
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-m", "rdd_lightning.train", *args],
+        cwd=tmp_path,
+        env=cli_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((run_dir / "results.json").read_text())
     assert (results["world_size"], results["per_process_batch_size"]) == (2, 2)
@@ -534,8 +624,15 @@ def test_discriminator_config_under_two_process_ddp(tmp_path, teacher_ckpt):
     with find_unused_parameters=False a parameter left without gradient would stop the second step. The
     discriminator's optimizer steps once per student step."""
     run_dir = tmp_path / "ddp"
-    results = train_ddp(tmp_path, run_dir, "distillation=skd", "teacher=resnet18",
-                        f"teacher.checkpoint={teacher_ckpt}", "trainer.max_steps=2", "trainer.val_check_interval=2")  # fmt: skip
+    results = train_ddp(
+        tmp_path,
+        run_dir,
+        "distillation=skd",
+        "teacher=resnet18",
+        f"teacher.checkpoint={teacher_ckpt}",
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+    )
     assert results["global_step"] == 2
     saved = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     adam = saved["optimizer_states"][1]["state"]
@@ -546,8 +643,16 @@ def test_discriminator_config_under_two_process_ddp(tmp_path, teacher_ckpt):
 def test_cirkd_under_two_process_ddp_enqueues_the_global_batch(tmp_path, teacher_ckpt):
     data = DDP_DATA
     run_dir = tmp_path / "ddp"
-    train_ddp(tmp_path, run_dir, "distillation=cirkd", "teacher=resnet18", f"teacher.checkpoint={teacher_ckpt}",
-              *SMALL_MEMORY, "trainer.max_steps=1", "trainer.val_check_interval=1")  # fmt: skip
+    train_ddp(
+        tmp_path,
+        run_dir,
+        "distillation=cirkd",
+        "teacher=resnet18",
+        f"teacher.checkpoint={teacher_ckpt}",
+        *SMALL_MEMORY,
+        "trainer.max_steps=1",
+        "trainer.val_check_interval=1",
+    )
 
     # the global batch of step 1 (the same for any number of processes), loaded on one process
     cfg = compose_train_cfg(tmp_path, [*data, "distillation=cirkd"], run_dir=tmp_path / "data")

@@ -12,8 +12,13 @@ from rdd_lightning import launch, resolvers
 from rdd_lightning.errors import ConfigError
 from rdd_lightning.teacher import auto_teacher_checkpoint
 
-AUTO = dict(teacher_choice="resnet18", teacher_cfg={"arch": "DeepLabV3"}, dataset_overrides=[],
-            dataset_prepare={"root": "x"}, seed=0)  # fmt: skip
+AUTO = dict(
+    teacher_choice="resnet18",
+    teacher_cfg={"arch": "DeepLabV3"},
+    dataset_overrides=[],
+    dataset_prepare={"root": "x"},
+    seed=0,
+)
 
 
 def _folder(cache):
@@ -54,8 +59,16 @@ def test_other_ranks_fail_when_rank_zeros_training_failed(tmp_path):
 
 
 def test_clean_environment_drops_rank_and_slurm_variables(monkeypatch):
-    for key, value in {"LOCAL_RANK": "1", "RANK": "3", "WORLD_SIZE": "4", "MASTER_PORT": "1234",
-                       "SLURM_PROCID": "3", "SLURM_NTASKS": "4", "TORCHELASTIC_RUN_ID": "x", "HOME_OK": "1"}.items():  # fmt: skip
+    for key, value in {
+        "LOCAL_RANK": "1",
+        "RANK": "3",
+        "WORLD_SIZE": "4",
+        "MASTER_PORT": "1234",
+        "SLURM_PROCID": "3",
+        "SLURM_NTASKS": "4",
+        "TORCHELASTIC_RUN_ID": "x",
+        "HOME_OK": "1",
+    }.items():
         monkeypatch.setenv(key, value)
     env = launch.clean_environment()
     assert env["HOME_OK"] == "1"

@@ -127,10 +127,11 @@ def test_zero_init_residual_makes_every_residual_block_the_identity(encoder):
         m for m in zeroed.net.encoder.modules() if isinstance(m, (BasicBlock, Bottleneck, InvertedResidual))
     ]
     identity_blocks = [
-        m for m in blocks
+        m
+        for m in blocks
         if (getattr(m, "downsample", None) is None and not isinstance(m, InvertedResidual))
         or (isinstance(m, InvertedResidual) and m.use_res_connect)
-    ]  # fmt: skip
+    ]
     assert identity_blocks
     zeroed.eval()
     for block in identity_blocks:

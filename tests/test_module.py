@@ -29,8 +29,15 @@ class RandomScenes(Dataset):
 
 def tiny_net(seed: int, aux: bool = True):
     torch.manual_seed(seed)
-    return build_model("DeepLabV3", "resnet18", NUM_CLASSES, aux_head=aux, encoder_output_stride=8,
-                       decoder_channels=16, upsampling=1)  # fmt: skip
+    return build_model(
+        "DeepLabV3",
+        "resnet18",
+        NUM_CLASSES,
+        aux_head=aux,
+        encoder_output_stride=8,
+        decoder_channels=16,
+        upsampling=1,
+    )
 
 
 def make_module(task: str = "ce", kd_weight: float = 1.0) -> DistillationModule:
@@ -47,9 +54,16 @@ def make_module(task: str = "ce", kd_weight: float = 1.0) -> DistillationModule:
 
 def fit(module: DistillationModule, tmp_path, steps: int = 3, **trainer_kwargs) -> L.Trainer:
     loader = DataLoader(RandomScenes(), batch_size=2, shuffle=True, drop_last=True)
-    trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=tmp_path, num_sanity_val_steps=0,
-                        **trainer_kwargs)  # fmt: skip
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        num_sanity_val_steps=0,
+        **trainer_kwargs,
+    )
     trainer.fit(module, train_dataloaders=loader, val_dataloaders=DataLoader(RandomScenes(), batch_size=4))
     return trainer
 
@@ -100,8 +114,15 @@ def test_checkpoint_leaves_teacher_out_and_resumes(tmp_path):
     assert trainer2.global_step == 4
     resumed = make_module()
     loader = DataLoader(RandomScenes(), batch_size=2, shuffle=True, drop_last=True)
-    trainer3 = L.Trainer(accelerator="cpu", max_steps=5, logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, default_root_dir=tmp_path, limit_val_batches=0)  # fmt: skip
+    trainer3 = L.Trainer(
+        accelerator="cpu",
+        max_steps=5,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        limit_val_batches=0,
+    )
     trainer3.fit(resumed, train_dataloaders=loader, ckpt_path=path)
     assert trainer3.global_step == 5
 
@@ -142,8 +163,9 @@ def _hand_miou(net, dataset, num_classes: int = NUM_CLASSES, ignore: int = 255) 
         for i in range(len(dataset)):
             sample = dataset[i]
             logits = net(sample["image"][None]).logits
-            logits = torch.nn.functional.interpolate(logits, size=sample["mask"].shape, mode="bilinear",
-                                                     align_corners=False)  # fmt: skip
+            logits = torch.nn.functional.interpolate(
+                logits, size=sample["mask"].shape, mode="bilinear", align_corners=False
+            )
             pred = logits.argmax(1)[0].numpy().ravel()
             mask = sample["mask"].numpy().ravel()
             keep = mask != ignore

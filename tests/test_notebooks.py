@@ -28,11 +28,28 @@ def tiny_sweep(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def distilled_run(tmp_path_factory) -> dict[str, Path]:
     """A tiny teacher (2 steps, supervised) and a tiny RDD student distilled from it: their best checkpoints."""
-    teacher = train_once(tmp_path_factory, "nb_teacher", ["distillation=none", "student=resnet18_scratch",
-                         "trainer.max_steps=2", "trainer.val_check_interval=2", "task_name=teacher"])  # fmt: skip
-    student = train_once(tmp_path_factory, "nb_student", ["distillation=rdd", "teacher=resnet18",
-                         f"teacher.checkpoint={teacher['best_checkpoint']}", "trainer.max_steps=2",
-                         "trainer.val_check_interval=2"])  # fmt: skip
+    teacher = train_once(
+        tmp_path_factory,
+        "nb_teacher",
+        [
+            "distillation=none",
+            "student=resnet18_scratch",
+            "trainer.max_steps=2",
+            "trainer.val_check_interval=2",
+            "task_name=teacher",
+        ],
+    )
+    student = train_once(
+        tmp_path_factory,
+        "nb_student",
+        [
+            "distillation=rdd",
+            "teacher=resnet18",
+            f"teacher.checkpoint={teacher['best_checkpoint']}",
+            "trainer.max_steps=2",
+            "trainer.val_check_interval=2",
+        ],
+    )
     return {"teacher": Path(teacher["best_checkpoint"]), "student": Path(student["best_checkpoint"])}
 
 

@@ -29,9 +29,16 @@ RDD_OPTIONS: dict[str, Any] = {
     "switch": {"fraction": None, "epoch": None, "step": None},
     "blend": "none",
     "tfe": {"kl_direction": "aux_to_main"},
-    "tse": {"mode": "xor", "threshold": 0.7, "min_kept_per_image": 375, "min_kept": None, "confidence": "gt_prob",
-            "normalize": "selected", "class_weight": None},
-}  # fmt: skip
+    "tse": {
+        "mode": "xor",
+        "threshold": 0.7,
+        "min_kept_per_image": 375,
+        "min_kept": None,
+        "confidence": "gt_prob",
+        "normalize": "selected",
+        "class_weight": None,
+    },
+}
 
 
 def with_options(**dotted: Any) -> dict[str, Any]:
@@ -52,8 +59,11 @@ def build(options: dict[str, Any], num_classes: int | None = NUM_CLASSES) -> Dis
 
 def build_from_cfg(cfg) -> DistillationObjective:
     """The objective of a composed config, built as the entry point builds it."""
-    return DistillationObjective(**OmegaConf.to_container(cfg.distillation, resolve=True),
-                                 ignore_index=cfg.dataset.ignore_index, num_classes=cfg.dataset.num_classes)  # fmt: skip
+    return DistillationObjective(
+        **OmegaConf.to_container(cfg.distillation, resolve=True),
+        ignore_index=cfg.dataset.ignore_index,
+        num_classes=cfg.dataset.num_classes,
+    )
 
 
 def hydra_value(value: Any) -> str:

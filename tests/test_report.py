@@ -47,8 +47,16 @@ def write_job(folder: Path, overrides: list[str], miou: float, **extra) -> Path:
     (folder / ".hydra").mkdir(parents=True)
     (folder / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
     seed = next((int(o.split("=")[1]) for o in overrides if o.startswith("seed=")), 42)
-    results = {"overrides": overrides, "seed": seed, "best_val_miou": miou, "final_val_miou": miou - 1,
-               "distillation": "none", "choices": {"student": "resnet18"}, "wall_time_s": 10.0, **extra}  # fmt: skip
+    results = {
+        "overrides": overrides,
+        "seed": seed,
+        "best_val_miou": miou,
+        "final_val_miou": miou - 1,
+        "distillation": "none",
+        "choices": {"student": "resnet18"},
+        "wall_time_s": 10.0,
+        **extra,
+    }
     (folder / "results.json").write_text(json.dumps(results))
     return folder
 
@@ -67,11 +75,29 @@ def sweep(tmp_path) -> Path:
         "peak_memory_mb": 1000.0,
     }
     write_job(root / "0", [*none, "seed=1"], 70.0, paper=PAPER, teacher_val_miou=78.0, compute=compute)
-    write_job(root / "1", [*none, "seed=2"], 72.0, paper=PAPER, teacher_val_miou=79.0,
-              compute={**compute, "wall_time_s": 200.0, "peak_memory_mb": 3000.0})  # fmt: skip
-    write_job(root / "2", [*none, "seed=3", "trainer.devices=4", "paths.log_dir=/elsewhere", "ckpt_path=last",
-                           "hydra.job.name=x", "logger=wandb"], 77.0, paper=PAPER,
-              compute={**compute, "wall_time_s": 300.0, "train_images_per_s": 50.0})  # fmt: skip
+    write_job(
+        root / "1",
+        [*none, "seed=2"],
+        72.0,
+        paper=PAPER,
+        teacher_val_miou=79.0,
+        compute={**compute, "wall_time_s": 200.0, "peak_memory_mb": 3000.0},
+    )
+    write_job(
+        root / "2",
+        [
+            *none,
+            "seed=3",
+            "trainer.devices=4",
+            "paths.log_dir=/elsewhere",
+            "ckpt_path=last",
+            "hydra.job.name=x",
+            "logger=wandb",
+        ],
+        77.0,
+        paper=PAPER,
+        compute={**compute, "wall_time_s": 300.0, "train_images_per_s": 50.0},
+    )
     write_job(root / "3", ["student=resnet18", "distillation=kd", *SHARED, "seed=1"], 60.0, paper=PAPER)
     (root / "4" / ".hydra").mkdir(parents=True)
     overrides = ["student=resnet18", "distillation=kd", *SHARED, "seed=2"]
@@ -87,10 +113,22 @@ def report_json(capsys, *args: str) -> dict:
 
 # ---------------------------------------------------------------------------------------------- grouping
 def test_group_key_drops_seed_and_keys_that_do_not_change_the_experiment():
-    overrides = ["distillation=rdd", "seed=3", "++trainer.devices=2", "paths.log_dir=/x", "+logger=wandb",
-                 "ckpt_path=last", "task_name=t", "hydra.launcher.timeout_min=5", "trainer.num_nodes=2",
-                 "logger.wandb.project=p", "optimizer.lr=0.01", "trainer.max_steps=10", "~callbacks.difficulty_maps",
-                 "callbacks.difficulty_maps.indices=[0]"]  # fmt: skip
+    overrides = [
+        "distillation=rdd",
+        "seed=3",
+        "++trainer.devices=2",
+        "paths.log_dir=/x",
+        "+logger=wandb",
+        "ckpt_path=last",
+        "task_name=t",
+        "hydra.launcher.timeout_min=5",
+        "trainer.num_nodes=2",
+        "logger.wandb.project=p",
+        "optimizer.lr=0.01",
+        "trainer.max_steps=10",
+        "~callbacks.difficulty_maps",
+        "callbacks.difficulty_maps.indices=[0]",
+    ]
     assert group_key(overrides) == ("distillation=rdd", "optimizer.lr=0.01", "trainer.max_steps=10")
 
 
@@ -113,8 +151,11 @@ def test_table_shows_mean_std_teacher_paper_and_title(sweep, capsys):
     assert main([str(sweep)]) == 0
     out = capsys.readouterr().out
     assert "Table 2 (Cityscapes val)" in out  # the paper's table is the title
-    rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[1:-1]]
-            for line in out.splitlines() if line.startswith("│")}  # fmt: skip
+    rows = {
+        line.split("│")[1].strip(): [c.strip() for c in line.split("│")[1:-1]]
+        for line in out.splitlines()
+        if line.startswith("│")
+    }
     header = [c.strip() for c in next(ln for ln in out.splitlines() if ln.startswith("┃")).split("┃")[1:-1]]
     none = dict(zip(header, rows["distillation=none"], strict=True))
     kd = dict(zip(header, rows["distillation=kd"], strict=True))
@@ -157,8 +198,11 @@ def test_paper_entry_needs_every_key(tmp_path, capsys):
     write_job(tmp_path / "b", ["student=resnet18", "seed=1"], 71.0, paper=paper)  # no distillation override
     write_job(tmp_path / "c", ["student=mobilenet_v2", "distillation=none", "seed=1"], 72.0, paper=paper)
     papers = {tuple(g["overrides"]): g["paper_miou"] for g in report_json(capsys, str(tmp_path))["groups"]}
-    assert papers == {("student=resnet18", "distillation=none"): 74.21, ("student=resnet18",): None,
-                      ("student=mobilenet_v2", "distillation=none"): None}  # fmt: skip
+    assert papers == {
+        ("student=resnet18", "distillation=none"): 74.21,
+        ("student=resnet18",): None,
+        ("student=mobilenet_v2", "distillation=none"): None,
+    }
 
 
 def test_a_published_number_stands_only_beside_runs_of_its_split(tmp_path, capsys):
@@ -192,8 +236,10 @@ def test_markdown_output(sweep, capsys):
     lines = capsys.readouterr().out.splitlines()
     table = lines[2 : lines.index("", 2)]  # the group table: from its header to the blank line after it
     header = [c.strip() for c in table[0].strip("|").split("|")]
-    rows = {r[0]: dict(zip(header, r, strict=True))
-            for r in ([c.strip() for c in line.strip("|").split("|")] for line in table[1:])}  # fmt: skip
+    rows = {
+        r[0]: dict(zip(header, r, strict=True))
+        for r in ([c.strip() for c in line.strip("|").split("|")] for line in table[1:])
+    }
     assert rows["distillation=none"]["mIoU mean ± std"] == "73.00 ± 3.61"
     assert rows["distillation=none"]["n"] == "3" and rows["distillation=kd"]["best"] == "60.00"
     assert lines[0] == "**Table 2 (Cityscapes val)**" and "|---|" in lines[3]
@@ -259,20 +305,42 @@ def test_read_metrics(tmp_path):
 # ---------------------------------------------------------------------------------------------- single runs
 def test_single_run_with_teacher_found_through_its_checkpoint(tmp_path, capsys):
     teacher = tmp_path / "teacher" / "runs" / "t1"
-    write_run(teacher, choices={"student": "resnet34"}, distillation="none", global_step=400,
-              best_val_miou=50.0, final_val_miou=49.5, wall_time_s=300)  # fmt: skip
+    write_run(
+        teacher,
+        choices={"student": "resnet34"},
+        distillation="none",
+        global_step=400,
+        best_val_miou=50.0,
+        final_val_miou=49.5,
+        wall_time_s=300,
+    )
     (teacher / "checkpoints").mkdir()
     student = tmp_path / "demo" / "runs" / "s1"
-    write_run(student, choices={"student": "resnet18_scratch"}, distillation="kd", global_step=200,
-              best_val_miou=40.0, final_val_miou=39.0, wall_time_s=200, overrides=["task_name=demo"],
-              teacher_checkpoint=str(teacher / "checkpoints" / "best.ckpt"))  # fmt: skip
+    write_run(
+        student,
+        choices={"student": "resnet18_scratch"},
+        distillation="kd",
+        global_step=200,
+        best_val_miou=40.0,
+        final_val_miou=39.0,
+        wall_time_s=200,
+        overrides=["task_name=demo"],
+        teacher_checkpoint=str(teacher / "checkpoints" / "best.ckpt"),
+    )
     (group,) = report_json(capsys, "--latest", str(tmp_path / "demo" / "runs"))["groups"]
     assert (group["group"], group["network"], group["distillation"]) == ("defaults", "resnet18_scratch", "kd")
     assert (group["n"], group["miou_mean"], group["miou_std"], group["teacher_miou"]) == (1, 40.0, None, 50.0)
     assert main(["--latest", str(tmp_path / "demo" / "runs")]) == 0
     row = next(line for line in capsys.readouterr().out.splitlines() if "defaults" in line)
-    assert [c.strip() for c in row.split("│")[1:-1]][:7] == ["defaults", "resnet18_scratch", "kd", "1",
-                                                            "40.00 ± -", "40.00", "50.00"]  # fmt: skip
+    assert [c.strip() for c in row.split("│")[1:-1]][:7] == [
+        "defaults",
+        "resnet18_scratch",
+        "kd",
+        "1",
+        "40.00 ± -",
+        "40.00",
+        "50.00",
+    ]
 
 
 def test_report_without_runs(tmp_path, capsys):
@@ -282,8 +350,16 @@ def test_report_without_runs(tmp_path, capsys):
 
 def test_report_shows_an_evaluate_run(tmp_path, capsys):
     run = tmp_path / "evaluate" / "runs" / "e1"
-    write_run(run, network={"encoder_name": "resnet18"}, dataset="camvid", split="test",
-              checkpoint_global_step=40000, mIoU=68.5, aAcc=92.0, wall_time_s=60)  # fmt: skip
+    write_run(
+        run,
+        network={"encoder_name": "resnet18"},
+        dataset="camvid",
+        split="test",
+        checkpoint_global_step=40000,
+        mIoU=68.5,
+        aAcc=92.0,
+        wall_time_s=60,
+    )
     assert main([str(run), "--format", "markdown"]) == 0
     assert f"| eval camvid/test | resnet18 | 40000 | 68.50 | 60 | {run} |" in capsys.readouterr().out
     report = report_json(capsys, str(run))
@@ -297,11 +373,26 @@ def run_tiny_sweep(folder: Path) -> Path:
     SGD rejects the rate), seeds 1 and 2. Returns the sweep directory."""
     sweep_dir = folder / "sweep"
     proc = subprocess.run(
-        [sys.executable, "-m", "rdd_lightning.train", "-m", *TINY, "distillation=none", "student=resnet18_scratch",
-         "trainer.max_steps=2", "trainer.val_check_interval=1", "optimizer.lr=0.01,0.02,-1", "seed=1,2",
-         f"hydra.sweep.dir={sweep_dir}"],
-        cwd=folder, env=cli_env(folder), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "rdd_lightning.train",
+            "-m",
+            *TINY,
+            "distillation=none",
+            "student=resnet18_scratch",
+            "trainer.max_steps=2",
+            "trainer.val_check_interval=1",
+            "optimizer.lr=0.01,0.02,-1",
+            "seed=1,2",
+            f"hydra.sweep.dir={sweep_dir}",
+        ],
+        cwd=folder,
+        env=cli_env(folder),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode != 0 and "Invalid learning rate" in proc.stderr, proc.stderr[-3000:]
     assert sorted(p.parent.name for p in sweep_dir.glob("*/results.json")) == ["0", "1", "2", "3"]
     return sweep_dir
@@ -310,8 +401,12 @@ def run_tiny_sweep(folder: Path) -> Path:
 @pytest.mark.slow
 def test_report_of_a_real_sweep_with_a_failed_setting(tmp_path):
     sweep_dir = run_tiny_sweep(tmp_path)
-    proc = subprocess.run([sys.executable, "-m", "rdd_lightning.report", str(sweep_dir), "--format", "json"],
-                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "rdd_lightning.report", str(sweep_dir), "--format", "json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     groups = {g["group"]: g for g in report["groups"]}

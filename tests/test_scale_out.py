@@ -39,8 +39,14 @@ DDP2 = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.
 
 
 def cli(tmp_path: Path, module: str, *args: str, timeout: int = 400) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", f"rdd_lightning.{module}", *args], cwd=tmp_path,
-                          env=cli_env(tmp_path), capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", f"rdd_lightning.{module}", *args],
+        cwd=tmp_path,
+        env=cli_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -55,8 +61,18 @@ def student_weights(ckpt: Path) -> dict[str, torch.Tensor]:
 
 def test_ddp_run_writes_one_result_and_counts_each_validation_image_once(tmp_path):
     run_dir = tmp_path / "ddp"
-    proc = ok(cli(tmp_path, "train", *CLI_TINY, *DDP2, "distillation=none", "trainer.max_steps=3",
-                  "trainer.val_check_interval=2", f"hydra.run.dir={run_dir}"))  # fmt: skip
+    proc = ok(
+        cli(
+            tmp_path,
+            "train",
+            *CLI_TINY,
+            *DDP2,
+            "distillation=none",
+            "trainer.max_steps=3",
+            "trainer.val_check_interval=2",
+            f"hydra.run.dir={run_dir}",
+        )
+    )
     assert [p.relative_to(tmp_path) for p in tmp_path.rglob("results.json")] == [Path("ddp/results.json")]
     results = json.loads((run_dir / "results.json").read_text())
     assert (results["world_size"], results["global_batch_size"], results["per_process_batch_size"]) == (
@@ -89,9 +105,26 @@ def test_torchrun_started_ranks_share_one_run_directory(tmp_path):
     """torchrun starts both ranks (Lightning re-spawns nothing); each composes its own config, and the run
     directory's time stamp (the torchrun agent's start) is the same in both."""
     torchrun = Path(sys.executable).with_name("torchrun")
-    proc = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "rdd_lightning.train",
-                           *CLI_TINY, *DDP2, "distillation=none", "trainer.max_steps=2", "trainer.val_check_interval=2"],
-                          cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True, timeout=400)  # fmt: skip
+    proc = subprocess.run(
+        [
+            str(torchrun),
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "rdd_lightning.train",
+            *CLI_TINY,
+            *DDP2,
+            "distillation=none",
+            "trainer.max_steps=2",
+            "trainer.val_check_interval=2",
+        ],
+        cwd=tmp_path,
+        env=cli_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     ok(proc)
     runs = list((tmp_path / "logs" / "train" / "runs").iterdir())
     assert len(runs) == 1 and [p.parent for p in tmp_path.rglob("results.json")] == runs
@@ -108,9 +141,22 @@ def test_multirun_of_ddp_jobs_gives_one_run_and_one_wandb_run_per_job(tmp_path):
         "# @package _global_\nhydra:\n  mode: MULTIRUN\n  sweeper:\n    params:\n      seed: 1,2\n"
     )
     sweep = tmp_path / "sweep"
-    proc = ok(cli(tmp_path, "train", "--config-dir", str(tmp_path / "extra_conf"), "experiment=seeds", *CLI_TINY,
-                  *DDP2, "distillation=none", "trainer.max_steps=2", "trainer.val_check_interval=2", "logger=wandb",
-                  f"hydra.sweep.dir={sweep}"))  # fmt: skip
+    proc = ok(
+        cli(
+            tmp_path,
+            "train",
+            "--config-dir",
+            str(tmp_path / "extra_conf"),
+            "experiment=seeds",
+            *CLI_TINY,
+            *DDP2,
+            "distillation=none",
+            "trainer.max_steps=2",
+            "trainer.val_check_interval=2",
+            "logger=wandb",
+            f"hydra.sweep.dir={sweep}",
+        )
+    )
     results = sorted(tmp_path.rglob("results.json"))
     assert results == [sweep / "0" / "results.json", sweep / "1" / "results.json"], proc.stderr[-2000:]
     seeds = [json.loads(p.read_text())["seed"] for p in results]
@@ -124,8 +170,21 @@ def test_submitit_local_sweep_of_ddp_jobs(tmp_path):
     """hydra-submitit-launcher's local executor runs each job in a worker whose argv is submitit's, not ours:
     the job's DDP ranks must still be started with the job's own command."""
     sweep = tmp_path / "sweep"
-    ok(cli(tmp_path, "train", "-m", *CLI_TINY, *DDP2, "distillation=none", "trainer.max_steps=2",
-           "trainer.val_check_interval=2", "seed=1,2", "hydra/launcher=submitit_local", f"hydra.sweep.dir={sweep}"))  # fmt: skip
+    ok(
+        cli(
+            tmp_path,
+            "train",
+            "-m",
+            *CLI_TINY,
+            *DDP2,
+            "distillation=none",
+            "trainer.max_steps=2",
+            "trainer.val_check_interval=2",
+            "seed=1,2",
+            "hydra/launcher=submitit_local",
+            f"hydra.sweep.dir={sweep}",
+        )
+    )
     results = sorted(tmp_path.rglob("results.json"))
     assert results == [sweep / "0" / "results.json", sweep / "1" / "results.json"]
     assert [json.loads(p.read_text())["world_size"] for p in results] == [2, 2]
@@ -142,9 +201,20 @@ def test_submitit_slurm_sweep_runs_srun_tasks_and_survives_preemption(tmp_path):
     env = cli_env(tmp_path)
     env.update({"PATH": f"{tmp_path / 'bin'}:{env['PATH']}", "FAKE_SLURM_STATE": str(tmp_path / "slurm")})
     sweep = tmp_path / "sweep"
-    command = [sys.executable, "-m", "rdd_lightning.train", "-m", *CLI_TINY, *DDP2, "distillation=none",
-               "trainer.max_steps=16", "trainer.val_check_interval=4", "seed=1,2", "hydra/launcher=submitit_slurm",
-               f"hydra.sweep.dir={sweep}"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "rdd_lightning.train",
+        "-m",
+        *CLI_TINY,
+        *DDP2,
+        "distillation=none",
+        "trainer.max_steps=16",
+        "trainer.val_check_interval=4",
+        "seed=1,2",
+        "hydra/launcher=submitit_slurm",
+        f"hydra.sweep.dir={sweep}",
+    ]
     proc = subprocess.Popen(
         command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
@@ -174,9 +244,21 @@ def test_submitit_slurm_sweep_runs_srun_tasks_and_survives_preemption(tmp_path):
 def test_seed_sweep_trains_one_auto_teacher(tmp_path):
     sweep = tmp_path / "sweep"
     teacher_recipe = '["trainer.max_steps=2","trainer.val_check_interval=2","trainer.accelerator=cpu","trainer.enable_progress_bar=false","~callbacks.progress_bar"]'
-    proc = ok(cli(tmp_path, "train", "-m", *CLI_TINY, "teacher=resnet18", f"teacher.auto_overrides={teacher_recipe}",
-                  "distillation=kd", "trainer.max_steps=2", "trainer.val_check_interval=2", "seed=1,2",
-                  f"hydra.sweep.dir={sweep}"))  # fmt: skip
+    proc = ok(
+        cli(
+            tmp_path,
+            "train",
+            "-m",
+            *CLI_TINY,
+            "teacher=resnet18",
+            f"teacher.auto_overrides={teacher_recipe}",
+            "distillation=kd",
+            "trainer.max_steps=2",
+            "trainer.val_check_interval=2",
+            "seed=1,2",
+            f"hydra.sweep.dir={sweep}",
+        )
+    )
     teachers = list((tmp_path / "cache" / "teachers").glob("*/teacher.ckpt"))
     assert len(teachers) == 1, teachers
     assert proc.stdout.count("no cached teacher") == 1
@@ -185,20 +267,43 @@ def test_seed_sweep_trains_one_auto_teacher(tmp_path):
 
 
 def _train_args(run_dir: Path, teacher: Path) -> list[str]:
-    return [*CLI_TINY, "dataset.batch_size=2", "distillation=rdd", "teacher=resnet18", f"teacher.checkpoint={teacher}",
-            "distillation.switch.step=5", "distillation.tse.min_kept=100", "trainer.max_steps=30",
-            "trainer.val_check_interval=4", "trainer.deterministic=true", f"hydra.run.dir={run_dir}"]  # fmt: skip
+    return [
+        *CLI_TINY,
+        "dataset.batch_size=2",
+        "distillation=rdd",
+        "teacher=resnet18",
+        f"teacher.checkpoint={teacher}",
+        "distillation.switch.step=5",
+        "distillation.tse.min_kept=100",
+        "trainer.max_steps=30",
+        "trainer.val_check_interval=4",
+        "trainer.deterministic=true",
+        f"hydra.run.dir={run_dir}",
+    ]
 
 
 def test_killed_and_resumed_run_ends_with_the_uninterrupted_weights(tmp_path, train_cfg):
-    teacher = Path(run(train_cfg("distillation=none", "student=resnet18_scratch", "trainer.max_steps=2",
-                                 "trainer.val_check_interval=2"))["best_checkpoint"])  # fmt: skip
+    teacher = Path(
+        run(
+            train_cfg(
+                "distillation=none",
+                "student=resnet18_scratch",
+                "trainer.max_steps=2",
+                "trainer.val_check_interval=2",
+            )
+        )["best_checkpoint"]
+    )
     ok(cli(tmp_path, "train", *_train_args(tmp_path / "whole", teacher)))
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "rdd_lightning.train", *_train_args(killed, teacher)],
-                            cwd=tmp_path, env=cli_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rdd_lightning.train", *_train_args(killed, teacher)],
+        cwd=tmp_path,
+        env=cli_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.time() + 300
     while (
         not (killed / "checkpoints" / "last.ckpt").exists() and time.time() < deadline and proc.poll() is None
@@ -232,8 +337,16 @@ def test_killed_and_resumed_run_ends_with_the_uninterrupted_weights(tmp_path, tr
 def test_slurm_warning_signal_saves_requeues_and_the_requeued_job_resumes_itself(tmp_path, train_cfg):
     """A plain sbatch job (no submitit): USR1 before the time limit -> save the step, `scontrol requeue <job>`,
     exit; the requeued job (SLURM_RESTART_COUNT=1) runs the same command in the same directory and resumes."""
-    teacher = Path(run(train_cfg("distillation=none", "student=resnet18_scratch", "trainer.max_steps=2",
-                                 "trainer.val_check_interval=2"))["best_checkpoint"])  # fmt: skip
+    teacher = Path(
+        run(
+            train_cfg(
+                "distillation=none",
+                "student=resnet18_scratch",
+                "trainer.max_steps=2",
+                "trainer.val_check_interval=2",
+            )
+        )["best_checkpoint"]
+    )
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol.log"}\n')
@@ -255,8 +368,14 @@ def test_slurm_warning_signal_saves_requeues_and_the_requeued_job_resumes_itself
         "global_step"
     ]
 
-    requeued = subprocess.run(command, cwd=tmp_path, env={**env, "SLURM_RESTART_COUNT": "1"}, capture_output=True,
-                              text=True, timeout=400)  # fmt: skip
+    requeued = subprocess.run(
+        command,
+        cwd=tmp_path,
+        env={**env, "SLURM_RESTART_COUNT": "1"},
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert requeued.returncode == 0, requeued.stderr[-3000:]
     results = json.loads((run_dir / "results.json").read_text())
     assert results["resumed_from"] == str((run_dir / "checkpoints" / "last.ckpt").resolve())
@@ -265,8 +384,17 @@ def test_slurm_warning_signal_saves_requeues_and_the_requeued_job_resumes_itself
 
 def test_new_run_in_a_finished_run_directory_is_refused_before_anything_changes(tmp_path):
     run_dir = tmp_path / "done"
-    ok(cli(tmp_path, "train", *CLI_TINY, "distillation=none", "trainer.max_steps=1", "trainer.val_check_interval=1",
-           f"hydra.run.dir={run_dir}"))  # fmt: skip
+    ok(
+        cli(
+            tmp_path,
+            "train",
+            *CLI_TINY,
+            "distillation=none",
+            "trainer.max_steps=1",
+            "trainer.val_check_interval=1",
+            f"hydra.run.dir={run_dir}",
+        )
+    )
     before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
     proc = cli(tmp_path, "train", *CLI_TINY, "distillation=none", "seed=7", f"hydra.run.dir={run_dir}")
     assert proc.returncode == 2
@@ -277,8 +405,14 @@ def test_new_run_in_a_finished_run_directory_is_refused_before_anything_changes(
 
 def test_resume_into_a_new_directory_keeps_best_score_and_checkpoint(train_cfg):
     first = run(train_cfg("distillation=none", "trainer.max_steps=4", "trainer.val_check_interval=2"))
-    resumed = run(train_cfg("distillation=none", "trainer.max_steps=6", "trainer.val_check_interval=2",
-                            f"ckpt_path={first['last_checkpoint']}"))  # fmt: skip
+    resumed = run(
+        train_cfg(
+            "distillation=none",
+            "trainer.max_steps=6",
+            "trainer.val_check_interval=2",
+            f"ckpt_path={first['last_checkpoint']}",
+        )
+    )
     assert resumed["global_step"] == 6 and resumed["resumed_from"] == first["last_checkpoint"]
     new_dir = Path(resumed["output_dir"])
     assert Path(resumed["best_checkpoint"]).parent == new_dir / "checkpoints"
@@ -298,13 +432,26 @@ def test_resume_with_another_teacher_is_refused(train_cfg):
                     "trainer.val_check_interval=1",
                 )
             )["best_checkpoint"]
-        )  # fmt: skip
+        )
         for s in (1, 2)
     ]
-    first = run(train_cfg("distillation=kd", "teacher=resnet18", f"teacher.checkpoint={teachers[0]}",
-                          "trainer.max_steps=2", "trainer.val_check_interval=2"))  # fmt: skip
-    resume = train_cfg("distillation=kd", "teacher=resnet18", f"teacher.checkpoint={teachers[1]}",
-                       "trainer.max_steps=4", "trainer.val_check_interval=2", f"ckpt_path={first['last_checkpoint']}")  # fmt: skip
+    first = run(
+        train_cfg(
+            "distillation=kd",
+            "teacher=resnet18",
+            f"teacher.checkpoint={teachers[0]}",
+            "trainer.max_steps=2",
+            "trainer.val_check_interval=2",
+        )
+    )
+    resume = train_cfg(
+        "distillation=kd",
+        "teacher=resnet18",
+        f"teacher.checkpoint={teachers[1]}",
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=2",
+        f"ckpt_path={first['last_checkpoint']}",
+    )
     with pytest.raises(ConfigError, match=r"distilled from teacher .* resume with teacher\.checkpoint="):
         run(resume)
 

@@ -50,9 +50,22 @@ def test_cityscapes_test_split_becomes_the_servers_label_id_pngs(tmp_path):
     ckpt = save_checkpoint(
         net, tmp_path / "weights" / "student.ckpt", dataset="cityscapes", network=TINY_NETWORK
     )
-    cfg = compose_train_cfg(tmp_path, [f"ckpt_path={ckpt}", "dataset=cityscapes", f"dataset.root={root}",
-                            "split=test", "submission=cityscapes", "save.labels=true", "save.overlay=false",
-                            "progress_bar=false", "num_workers=0"], "predict", tmp_path / "out")  # fmt: skip
+    cfg = compose_train_cfg(
+        tmp_path,
+        [
+            f"ckpt_path={ckpt}",
+            "dataset=cityscapes",
+            f"dataset.root={root}",
+            "split=test",
+            "submission=cityscapes",
+            "save.labels=true",
+            "save.overlay=false",
+            "progress_bar=false",
+            "num_workers=0",
+        ],
+        "predict",
+        tmp_path / "out",
+    )
     summary = run(cfg)
     GlobalHydra.instance().clear()
     out = Path(cfg.output)
@@ -107,8 +120,13 @@ def test_voc_pngs_are_palette_images_in_the_servers_folder(tmp_path):
     assert image.mode == "P" and np.asarray(image).tolist() == [[0, 15, 20], [1, 1, 0]]
     colours = np.asarray(image.getpalette()[: 256 * 3]).reshape(-1, 3)
     # VOC's colour map: background black, aeroplane (1) dark red, person (15) (192, 128, 128), void (224, 224, 192)
-    assert colours[[0, 1, 15, 20, 255]].tolist() == [[0, 0, 0], [128, 0, 0], [192, 128, 128], [0, 64, 128],
-                                                     [224, 224, 192]]  # fmt: skip
+    assert colours[[0, 1, 15, 20, 255]].tolist() == [
+        [0, 0, 0],
+        [128, 0, 0],
+        [192, 128, 128],
+        [0, 64, 128],
+        [224, 224, 192],
+    ]
     path = voc.relative_path("JPEGImages/2008_000001")
     assert path == "results/VOC2012/Segmentation/comp6_test_cls/2008_000001.png"
     folder = tmp_path / "voc"
@@ -126,12 +144,18 @@ def test_test_splits_list_their_images_without_labels(tmp_path):
     assert [p.name for p, _ in Cityscapes(tmp_path / "cs", "test", labels=False).pairs] == [
         "bonn_000000_000019_leftImg8bit.png"
     ]
-    write_images(tmp_path / "ade", {"release_test/testing/ADE_test_00000002.jpg": (8, 8),
-                                    "release_test/testing/ADE_test_00000001.jpg": (8, 8)})  # fmt: skip
+    write_images(
+        tmp_path / "ade",
+        {
+            "release_test/testing/ADE_test_00000002.jpg": (8, 8),
+            "release_test/testing/ADE_test_00000001.jpg": (8, 8),
+        },
+    )
     (tmp_path / "ade" / "images").mkdir()
     assert [p.name for p, _ in ADE20K(tmp_path / "ade", "test", labels=False).pairs] == [
-        "ADE_test_00000001.jpg", "ADE_test_00000002.jpg"
-    ]  # fmt: skip
+        "ADE_test_00000001.jpg",
+        "ADE_test_00000002.jpg",
+    ]
     with pytest.raises(ConfigError, match=r"unknown split 'test'; choose one of \['train', 'val'\]"):
         ADE20K(tmp_path / "ade", "test")  # with labels: ADE20K has none for its test images
     voc = tmp_path / "VOCdevkit" / "VOC2012"

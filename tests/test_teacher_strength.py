@@ -34,21 +34,35 @@ def _result(
 ) -> Path:
     run = root / group / f"attempt{attempt}" / f"seed{seed}"
     run.mkdir(parents=True)
-    (run / "results.json").write_text(json.dumps({"seed": seed, "best_val_miou": miou,
-                                                  "teacher_val_miou": teacher, "output_dir": str(run)}))  # fmt: skip
+    (run / "results.json").write_text(
+        json.dumps({"seed": seed, "best_val_miou": miou, "teacher_val_miou": teacher, "output_dir": str(run)})
+    )
     return run
 
 
 def test_hard_for_both_follows_from_the_logged_fractions_of_the_tse_steps_only(tmp_path):
     tse = "train/tse_{}_fraction"
-    _write_csv(tmp_path / "csv" / "metrics.csv", [
-        {"step": 1, "train/rdd_stage": 0.0, tse.format("selected"): 0.9},  # TFE step: not counted
-        {"step": 3, "train/rdd_stage": 1.0, tse.format("student_hard"): 0.5, tse.format("teacher_hard"): 0.4,
-         tse.format("selected"): 0.3},
-        {"step": 5, "train/rdd_stage": 1.0, tse.format("student_hard"): 0.3, tse.format("teacher_hard"): 0.2,
-         tse.format("selected"): 0.1},
-        {"step": 5, "val/mIoU": 12.0},
-    ])  # fmt: skip
+    _write_csv(
+        tmp_path / "csv" / "metrics.csv",
+        [
+            {"step": 1, "train/rdd_stage": 0.0, tse.format("selected"): 0.9},  # TFE step: not counted
+            {
+                "step": 3,
+                "train/rdd_stage": 1.0,
+                tse.format("student_hard"): 0.5,
+                tse.format("teacher_hard"): 0.4,
+                tse.format("selected"): 0.3,
+            },
+            {
+                "step": 5,
+                "train/rdd_stage": 1.0,
+                tse.format("student_hard"): 0.3,
+                tse.format("teacher_hard"): 0.2,
+                tse.format("selected"): 0.1,
+            },
+            {"step": 5, "val/mIoU": 12.0},
+        ],
+    )
     # means over steps 3 and 5: student 0.4, teacher 0.3, selected 0.2
     # XOR selects s + t - 2 both -> both = (0.4 + 0.3 - 0.2) / 2; OR selects s + t - both -> both = 0.5
     xor = ts.tse_fractions(tmp_path, "xor")
@@ -110,14 +124,32 @@ def test_a_tiny_study_runs_end_to_end_and_resumes(tmp_path):
     ``python -m rdd_lightning.train``; then one result is deleted and the study started again."""
     root, png = tmp_path / "study", tmp_path / "docs" / "strength.png"
     student = [o for o in TINY if "difficulty_maps" not in o and "progress_bar" not in o]
-    command = [sys.executable, str(REPO / "benchmarks" / "teacher_strength.py"), "--teacher-steps", "2", "3",
-               "--seeds", "1", "--no-sensitivity", "--root", str(root), "--plot", str(png),
-               "--override", *student, "trainer.max_steps=4", "trainer.val_check_interval=4",
-               "--teacher-override", "trainer.accelerator=cpu", "~callbacks.progress_bar"]  # fmt: skip
+    command = [
+        sys.executable,
+        str(REPO / "benchmarks" / "teacher_strength.py"),
+        "--teacher-steps",
+        "2",
+        "3",
+        "--seeds",
+        "1",
+        "--no-sensitivity",
+        "--root",
+        str(root),
+        "--plot",
+        str(png),
+        "--override",
+        *student,
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=4",
+        "--teacher-override",
+        "trainer.accelerator=cpu",
+        "~callbacks.progress_bar",
+    ]
 
     def study() -> str:
-        proc = subprocess.run(command, cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True,
-                              timeout=600)  # fmt: skip
+        proc = subprocess.run(
+            command, cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True, timeout=600
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         return proc.stdout
 

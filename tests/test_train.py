@@ -22,8 +22,13 @@ TEACHER_FAST = ["teacher=resnet18"]
 
 def teacher_checkpoint(train_cfg) -> Path:
     """Train a tiny supervised network to use as a teacher checkpoint."""
-    cfg = train_cfg("distillation=none", "student=resnet18_scratch", "trainer.max_steps=2",
-                    "trainer.val_check_interval=2", "task_name=teacher")  # fmt: skip
+    cfg = train_cfg(
+        "distillation=none",
+        "student=resnet18_scratch",
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        "task_name=teacher",
+    )
     results = run(cfg)
     return Path(results["best_checkpoint"])
 
@@ -34,8 +39,15 @@ def test_plain_run_writes_results(train_cfg, tmp_path):
     out = Path(cfg.paths.output_dir)
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk == json.loads(json.dumps(results))
-    for key in ("overrides", "seed", "best_val_miou", "final_val_miou", "per_class_iou", "wall_time_s",
-                "best_checkpoint"):  # fmt: skip
+    for key in (
+        "overrides",
+        "seed",
+        "best_val_miou",
+        "final_val_miou",
+        "per_class_iou",
+        "wall_time_s",
+        "best_checkpoint",
+    ):
         assert key in on_disk, key
     assert on_disk["global_step"] == 3
     assert 0.0 <= on_disk["final_val_miou"] <= 100.0 and on_disk["best_val_miou"] >= on_disk["final_val_miou"]
@@ -74,8 +86,13 @@ def test_stopped_by_max_steps_validates_final_weights(train_cfg):
 
 def test_kd_run_with_teacher_checkpoint_and_resume(train_cfg, tmp_path):
     ckpt = teacher_checkpoint(train_cfg)
-    cfg = train_cfg("distillation=kd", *TEACHER_FAST, f"teacher.checkpoint={ckpt}", "trainer.max_steps=2",
-                    "trainer.val_check_interval=2")  # fmt: skip
+    cfg = train_cfg(
+        "distillation=kd",
+        *TEACHER_FAST,
+        f"teacher.checkpoint={ckpt}",
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+    )
     results = run(cfg)
     assert results["teacher_checkpoint"] == str(ckpt)
     teacher_run = json.loads((ckpt.parent.parent / "results.json").read_text())  # same images, same weights
@@ -83,8 +100,14 @@ def test_kd_run_with_teacher_checkpoint_and_resume(train_cfg, tmp_path):
     saved = torch.load(results["last_checkpoint"], map_location="cpu", weights_only=True)
     assert not any(k.startswith("teacher.") for k in saved["state_dict"])  # checkpoints stay small
 
-    resume = train_cfg("distillation=kd", *TEACHER_FAST, f"teacher.checkpoint={ckpt}", "trainer.max_steps=4",
-                       "trainer.val_check_interval=2", f"ckpt_path={results['last_checkpoint']}")  # fmt: skip
+    resume = train_cfg(
+        "distillation=kd",
+        *TEACHER_FAST,
+        f"teacher.checkpoint={ckpt}",
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=2",
+        f"ckpt_path={results['last_checkpoint']}",
+    )
     resumed = run(resume)
     assert resumed["global_step"] == 4
 
@@ -141,8 +164,14 @@ def test_existing_run_directory_is_not_overwritten(train_cfg):
 
 
 def run_cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "rdd_lightning.train", *args], cwd=tmp_path, env=cli_env(tmp_path),
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "rdd_lightning.train", *args],
+        cwd=tmp_path,
+        env=cli_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_cli_unknown_option(tmp_path):
@@ -160,8 +189,13 @@ def test_cli_config_error_is_one_line_without_traceback(tmp_path):
 
 
 def test_cli_offline_imagenet_weights(tmp_path):
-    proc = run_cli(tmp_path, "student=resnet18", "distillation=none", "++hydra.job.env_set.HF_HUB_CACHE=/nonexistent",
-                   f"paths.cache_dir={tmp_path / 'cache'}")  # fmt: skip
+    proc = run_cli(
+        tmp_path,
+        "student=resnet18",
+        "distillation=none",
+        "++hydra.job.env_set.HF_HUB_CACHE=/nonexistent",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+    )
     assert proc.returncode == 2
     assert "encoder_weights='imagenet'" in proc.stderr and "encoder_weights=null" in proc.stderr
 
@@ -169,9 +203,16 @@ def test_cli_offline_imagenet_weights(tmp_path):
 @pytest.mark.parametrize("distillation", ["rdd", "tse"])
 def test_rdd_run_end_to_end(train_cfg, distillation):
     ckpt = teacher_checkpoint(train_cfg)
-    cfg = train_cfg(f"distillation={distillation}", *TEACHER_FAST, f"teacher.checkpoint={ckpt}",
-                    "trainer.max_steps=3", "trainer.val_check_interval=3", "distillation.switch.step=1",
-                    "distillation.switch.fraction=null", "distillation.tse.min_kept=100")  # fmt: skip
+    cfg = train_cfg(
+        f"distillation={distillation}",
+        *TEACHER_FAST,
+        f"teacher.checkpoint={ckpt}",
+        "trainer.max_steps=3",
+        "trainer.val_check_interval=3",
+        "distillation.switch.step=1",
+        "distillation.switch.fraction=null",
+        "distillation.tse.min_kept=100",
+    )
     results = run(cfg)
     assert results["distillation"] == distillation and results["global_step"] == 3
     metrics = (Path(cfg.paths.output_dir) / "csv" / "metrics.csv").read_text().splitlines()[0]
@@ -179,8 +220,13 @@ def test_rdd_run_end_to_end(train_cfg, distillation):
 
 
 def test_tfe_needs_a_teacher_aux_head(train_cfg):
-    cfg = train_cfg("distillation=none", "student=resnet18_scratch", "student.aux_head=false",
-                    "trainer.max_steps=1", "trainer.val_check_interval=1")  # fmt: skip
+    cfg = train_cfg(
+        "distillation=none",
+        "student=resnet18_scratch",
+        "student.aux_head=false",
+        "trainer.max_steps=1",
+        "trainer.val_check_interval=1",
+    )
     ckpt = run(cfg)["best_checkpoint"]
     cfg = train_cfg("distillation=rdd", *TEACHER_FAST, f"teacher.checkpoint={ckpt}", "teacher.aux_head=false")
     with pytest.raises(ConfigError, match="TFE-RDD, which needs a teacher with an auxiliary head"):

@@ -67,10 +67,21 @@ def test_job_name_is_the_overrides_without_paths():
 def test_summary_holds_the_mious_and_the_compute_of_a_run():
     from rdd_lightning.wandb_job import summary
 
-    results = {"best_val_miou": 40.0, "final_val_miou": 39.5, "teacher_val_miou": 61.0, "global_step": 10,
-               "wall_time_s": 12.0, "per_class_iou": {"a": 1.0},
-               "compute": {"device": "cpu", "train_images_per_s": 8.5, "peak_memory_mb": None}}  # fmt: skip
+    results = {
+        "best_val_miou": 40.0,
+        "final_val_miou": 39.5,
+        "teacher_val_miou": 61.0,
+        "global_step": 10,
+        "wall_time_s": 12.0,
+        "per_class_iou": {"a": 1.0},
+        "compute": {"device": "cpu", "train_images_per_s": 8.5, "peak_memory_mb": None},
+    }
     assert summary(results) == {
-        "best_val_miou": 40.0, "final_val_miou": 39.5, "teacher_val_miou": 61.0, "global_step": 10,
-        "wall_time_s": 12.0, "compute/device": "cpu", "compute/train_images_per_s": 8.5,
-    }  # fmt: skip
+        "best_val_miou": 40.0,
+        "final_val_miou": 39.5,
+        "teacher_val_miou": 61.0,
+        "global_step": 10,
+        "wall_time_s": 12.0,
+        "compute/device": "cpu",
+        "compute/train_images_per_s": 8.5,
+    }

@@ -140,8 +140,10 @@ def apply_sync_batchnorm(cfg: DictConfig, trainer: L.Trainer, student: Segmentat
     if not cfg.trainer.get("sync_batchnorm") or trainer.world_size == 1:
         return student
     if not isinstance(trainer.accelerator, CUDAAccelerator):
-        log.info("trainer.sync_batchnorm=true needs GPUs: on %s each process keeps its own BatchNorm statistics",
-                 type(trainer.accelerator).__name__)  # fmt: skip
+        log.info(
+            "trainer.sync_batchnorm=true needs GPUs: on %s each process keeps its own BatchNorm statistics",
+            type(trainer.accelerator).__name__,
+        )
         return student
     return to_sync_batchnorm(student)
 

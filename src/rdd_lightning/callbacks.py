@@ -38,8 +38,13 @@ class RDDStageSwitch(L.Callback):
     means TSE-RDD only; a point at or past the end of training means TFE-RDD only.
     """
 
-    def __init__(self, fraction: float | None = None, epoch: int | None = None, step: int | None = None,
-                 blend: str = "none"):  # fmt: skip
+    def __init__(
+        self,
+        fraction: float | None = None,
+        epoch: int | None = None,
+        step: int | None = None,
+        blend: str = "none",
+    ):
         switch = resolve_switch(fraction=fraction, epoch=epoch, step=step)
         self.fraction, self.epoch, self.step = (switch.get(k) for k in ("fraction", "epoch", "step"))
         self.blend = check_choice("distillation.blend", blend, BLENDS)
@@ -70,8 +75,11 @@ class RDDStageSwitch(L.Callback):
             return
         self.switch_step = self._restored_switch_step
         if planned is not None and planned != self.switch_step:
-            log.info("RDD stage switch: keeping step %d from the checkpoint (this run's plan gives %d)",
-                     self.switch_step, planned)  # fmt: skip
+            log.info(
+                "RDD stage switch: keeping step %d from the checkpoint (this run's plan gives %d)",
+                self.switch_step,
+                planned,
+            )
 
     def stage_at(self, global_step: int, epoch: int) -> int:
         if self.epoch is not None:

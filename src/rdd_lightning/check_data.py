@@ -132,8 +132,14 @@ def scan_split(
     split = SplitReport(dataset.split, expected=dataset.SPLIT_SIZES.get(dataset.split))
     split.pixels = np.zeros(dataset.NUM_CLASSES + 1, dtype=np.int64)
     loader = DataLoader(FileScan(dataset), batch_size=None, num_workers=num_workers, collate_fn=_as_is)
-    for item in tqdm(loader, total=len(dataset), desc=f"{report.dataset}/{dataset.split}", unit="img",
-                     disable=not progress, file=sys.stderr):  # fmt: skip
+    for item in tqdm(
+        loader,
+        total=len(dataset),
+        desc=f"{report.dataset}/{dataset.split}",
+        unit="img",
+        disable=not progress,
+        file=sys.stderr,
+    ):
         split.num_images += 1
         if item["size"] is not None:
             split.sizes[item["size"]] += 1
@@ -217,8 +223,11 @@ def run(cfg: DictConfig) -> DataReport:
 def main(cfg: DictConfig) -> None:
     report = exit_on_config_error(lambda: run(cfg), log)
     if not report.ok:
-        print(f"error: {len(report.problems)} problem(s) in dataset {report.dataset} at {report.root} "
-              f"(listed above)", file=sys.stderr)  # fmt: skip
+        print(
+            f"error: {len(report.problems)} problem(s) in dataset {report.dataset} at {report.root} "
+            f"(listed above)",
+            file=sys.stderr,
+        )
         sys.exit(1)
 
 

@@ -217,10 +217,13 @@ def provenance(ckpt_path: Path, checkpoint: Mapping[str, Any], run_dir: Path | N
     metadata = checkpoint.get("rdd_lightning") or {}
     resolved = str(ckpt_path.resolve())
     which = next(
-        (k for k in ("best", "last") if results.get(f"{k}_checkpoint") and
-         str(Path(results[f"{k}_checkpoint"]).resolve()) == resolved),
+        (
+            k
+            for k in ("best", "last")
+            if results.get(f"{k}_checkpoint") and str(Path(results[f"{k}_checkpoint"]).resolve()) == resolved
+        ),
         None,
-    )  # fmt: skip
+    )
     miou = {"best": results.get("best_val_miou"), "last": results.get("final_val_miou")}.get(which)
     teacher = metadata.get("teacher") or {}
     distillation = results.get("distillation")
@@ -455,8 +458,13 @@ def check_dataset_agrees(card: ModelCard, path: Path, dataset_cfg: Any | None) -
             f"dataset={datamodule.name} has {datamodule.num_classes}; use a dataset with its classes"
         )
     if list(datamodule.class_names) != card.class_names:
-        log.warning("ckpt_path=%s has classes %s, dataset=%s has %s", path, card.class_names, datamodule.name,
-                    datamodule.class_names)  # fmt: skip
+        log.warning(
+            "ckpt_path=%s has classes %s, dataset=%s has %s",
+            path,
+            card.class_names,
+            datamodule.name,
+            datamodule.class_names,
+        )
 
 
 def load_model(

@@ -380,14 +380,28 @@ def render_difficulty_maps(
     ]
     if IGNORED in shown:
         handles.append(Patch(facecolor=np.asarray(IGNORED_COLOUR), label="void (ignored)"))
-    fig.legend(handles=handles, loc="outside lower left", ncols=min(len(handles), 8), fontsize="small",
-               frameon=False, title="classes", title_fontsize="small")  # fmt: skip
+    fig.legend(
+        handles=handles,
+        loc="outside lower left",
+        ncols=min(len(handles), 8),
+        fontsize="small",
+        frameon=False,
+        title="classes",
+        title_fontsize="small",
+    )
     if has_teacher:
         tse = [
             Patch(facecolor=tse_colours[c], label=category_label(c, mode)) for c in range(len(CATEGORY_NAMES))
         ]
-        fig.legend(handles=tse, loc="outside lower right", ncols=2, fontsize="small", frameon=False,
-                   title=f"TSE: hard for ... (mode {mode})", title_fontsize="small")  # fmt: skip
+        fig.legend(
+            handles=tse,
+            loc="outside lower right",
+            ncols=2,
+            fontsize="small",
+            frameon=False,
+            title=f"TSE: hard for ... (mode {mode})",
+            title_fontsize="small",
+        )
     notes = []
     if has_teacher and not has_tfe:
         notes.append("TFE weight not shown: the teacher has no auxiliary head (teacher.aux_head=false)")
@@ -519,9 +533,14 @@ class DifficultyMapLogger(L.Callback):
                 records.append((index, rgb, target[0], maps))
                 if write_png:
                     fig = render_difficulty_maps(
-                        rgb, target, maps, class_names=class_names, palette=palette, mode=options.mode,
+                        rgb,
+                        target,
+                        maps,
+                        class_names=class_names,
+                        palette=palette,
+                        mode=options.mode,
                         title=f"step {step}, val image {index}: {options.describe()}",
-                    )  # fmt: skip
+                    )
                     path = self.output_dir(trainer) / f"step{step:06d}_img{index}.png"
                     path.parent.mkdir(parents=True, exist_ok=True)
                     fig.savefig(path)
@@ -571,9 +590,11 @@ def _wandb_images(
         if maps["tfe_weight"] is not None:
             heat = colormaps["magma"](maps["tfe_weight"][0].cpu().numpy())[..., :3]
             out.setdefault("val/difficulty_maps/tfe_weight", []).append(
-                wandb.Image(np.round(heat * 255).astype(np.uint8),
-                            caption=f"val image {index}: TFE weight, dark = low (hard for the teacher)")
-            )  # fmt: skip
+                wandb.Image(
+                    np.round(heat * 255).astype(np.uint8),
+                    caption=f"val image {index}: TFE weight, dark = low (hard for the teacher)",
+                )
+            )
         if maps["category"] is not None:
             tse = tse_colours[maps["category"][0].cpu().numpy()]
             out.setdefault("val/difficulty_maps/tse_selection", []).append(

@@ -583,9 +583,13 @@ class DistillationObjective:
         """Task loss of the current stage and its statistics (detached 0-dim tensors)."""
         if self.task == "ce":
             loss = segmentation_ce_loss(
-                student.logits, student.aux_logits, target, aux_weight=self.aux_weight,
-                ignore_index=self.ignore_index, class_weight=self.class_weight,
-            )  # fmt: skip
+                student.logits,
+                student.aux_logits,
+                target,
+                aux_weight=self.aux_weight,
+                ignore_index=self.ignore_index,
+                class_weight=self.class_weight,
+            )
             return loss, {}
         assert teacher is not None, "RDD task losses need the teacher's outputs"
         heads = (student.logits, student.aux_logits, teacher.logits, teacher.aux_logits, target)

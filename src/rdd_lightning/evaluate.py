@@ -51,8 +51,13 @@ def check_classes(ckpt_path: Path, metadata: Mapping[str, Any], datamodule: Segm
         )
     names = metadata.get("class_names")
     if trained_on not in (None, datamodule.name) or (names and list(names) != datamodule.class_names):
-        log.warning("the checkpoint was trained on dataset %r (classes %s), evaluated on %r (classes %s)",
-                    trained_on, names, datamodule.name, datamodule.class_names)  # fmt: skip
+        log.warning(
+            "the checkpoint was trained on dataset %r (classes %s), evaluated on %r (classes %s)",
+            trained_on,
+            names,
+            datamodule.name,
+            datamodule.class_names,
+        )
 
 
 # ------------------------------------------------------------------------------------------------ output
@@ -179,9 +184,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     }
     if trainer.is_global_zero:
         write_json(output_dir / "results.json", results)
-        log.info("%s on %s/%s (%d images):\n%s\n-> %s", ckpt_path, datamodule.name, cfg.split,
-                 num_images, iou_table(metrics["per_class_iou"], metrics["miou"], metrics["pixel_acc"]),
-                 output_dir / "results.json")  # fmt: skip
+        log.info(
+            "%s on %s/%s (%d images):\n%s\n-> %s",
+            ckpt_path,
+            datamodule.name,
+            cfg.split,
+            num_images,
+            iou_table(metrics["per_class_iou"], metrics["miou"], metrics["pixel_acc"]),
+            output_dir / "results.json",
+        )
     return results
 
 

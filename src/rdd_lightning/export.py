@@ -142,8 +142,9 @@ def val_image_sizes(datamodule: Any) -> list[dict[str, Any]] | None:
     return [{"size": list(size), "images": n} for size, n in sizes.most_common(5)]
 
 
-def export_card(opened: OpenedCheckpoint, fmt: str, returns: str | None, normalize: bool, aux: bool,
-                opset: int | None) -> ModelCard:  # fmt: skip
+def export_card(
+    opened: OpenedCheckpoint, fmt: str, returns: str | None, normalize: bool, aux: bool, opset: int | None
+) -> ModelCard:
     """The checkpoint's card for the exported file (the export's own details under ``export``)."""
     card = copy.deepcopy(opened.card)
     card.format = fmt
@@ -202,9 +203,14 @@ def write_onnx(model: StandaloneSegmenter, card: ModelCard, path: Path, opset: i
     with contextlib.redirect_stdout(messages), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
-            model, (example,), dynamo=True, dynamic_shapes={"images": {0: batch, 2: height, 3: width}},
-            input_names=["images"], output_names=output_names(card), opset_version=opset,
-        )  # fmt: skip
+            model,
+            (example,),
+            dynamo=True,
+            dynamic_shapes={"images": {0: batch, 2: height, 3: width}},
+            input_names=["images"],
+            output_names=output_names(card),
+            opset_version=opset,
+        )
     for logger, level in zip(quiet, levels, strict=True):
         logger.setLevel(level)
     log.debug("torch.onnx: %s", messages.getvalue())
@@ -288,8 +294,14 @@ def file_runner(path: Path, fmt: str):
     return lambda x: first_output(rebuilt(x))
 
 
-def compare(path: Path, fmt: str, eager: torch.nn.Module, card: ModelCard, sizes: list[tuple[int, int]],
-            tolerance: float) -> dict[str, Any]:  # fmt: skip
+def compare(
+    path: Path,
+    fmt: str,
+    eager: torch.nn.Module,
+    card: ModelCard,
+    sizes: list[tuple[int, int]],
+    tolerance: float,
+) -> dict[str, Any]:
     """Run the written file on random images of each size (batch 2 for the first, then 1) and compare its main
     output with ``eager``'s: logits within ``tolerance``; class maps equal wherever the eager logits' two
     best classes are more than ``2 * tolerance`` apart. A difference raises a RuntimeError naming the size."""

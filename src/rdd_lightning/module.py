@@ -32,7 +32,7 @@ def segmentation_metrics(num_classes: int, ignore_index: int) -> MetricCollectio
             "acc": MulticlassAccuracy(
                 num_classes, average="micro", ignore_index=ignore_index, validate_args=False
             ),
-        }  # fmt: skip
+        }
     )
 
 

@@ -122,8 +122,15 @@ class PredictionWriter:
     :attr:`palette` (``uint8 [C, 3]`` class colours) is set once the network's card is known.
     """
 
-    def __init__(self, output: Path, names: list[str], save: dict[str, bool], overlay_alpha: float,
-                 overlay_format: str, submission: SubmissionFormat | None):  # fmt: skip
+    def __init__(
+        self,
+        output: Path,
+        names: list[str],
+        save: dict[str, bool],
+        overlay_alpha: float,
+        overlay_format: str,
+        submission: SubmissionFormat | None,
+    ):
         self.output, self.names, self.palette = output, names, None
         self.save, self.alpha, self.overlay_format = save, overlay_alpha, overlay_format
         self.submission = submission
@@ -221,8 +228,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     server = submission_format(str(cfg.submission)) if cfg.get("submission") is not None else None
     output = Path(str(cfg.output)).expanduser().resolve()
     save = {k: bool(v) for k, v in cfg.save.items()}
-    writer = PredictionWriter(output, output_names(paths), save, float(cfg.overlay_alpha),
-                              str(cfg.overlay_format), server)  # fmt: skip
+    writer = PredictionWriter(
+        output, output_names(paths), save, float(cfg.overlay_alpha), str(cfg.overlay_format), server
+    )
     writer.check_free(bool(cfg.overwrite))
     model = load_model(
         cfg.ckpt_path, student_cfg=cfg.get("student"), dataset_cfg=cfg.get("dataset"), device=device

@@ -63,9 +63,26 @@ __all__ = [
 
 #: Per-class cross-entropy weights the authors used for Cityscapes' 19 train classes (TSE stage only).
 CITYSCAPES_CLASS_WEIGHTS: tuple[float, ...] = (
-    0.8373, 0.918, 0.866, 1.0345, 1.0166, 0.9969, 0.9754, 1.0489, 0.8786, 1.0023,
-    0.9539, 0.9843, 1.1116, 0.9037, 1.0865, 1.0955, 1.0865, 1.1529, 1.0507,
-)  # fmt: skip
+    0.8373,
+    0.918,
+    0.866,
+    1.0345,
+    1.0166,
+    0.9969,
+    0.9754,
+    1.0489,
+    0.8786,
+    1.0023,
+    0.9539,
+    0.9843,
+    1.1116,
+    0.9037,
+    1.0865,
+    1.0955,
+    1.0865,
+    1.1529,
+    1.0507,
+)
 
 #: Class-weight presets that ``class_weight="<name>"`` resolves to.
 NAMED_CLASS_WEIGHTS: dict[str, tuple[float, ...]] = {"cityscapes": CITYSCAPES_CLASS_WEIGHTS}

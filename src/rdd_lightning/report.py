@@ -122,8 +122,11 @@ def job_dirs_under(root: Path) -> list[Path]:
     if is_job_dir(root):
         return [root]
     found = {p.parent for p in root.rglob("results.json")}
-    found |= {p.parent.parent for pattern in (".hydra/config.yaml", ".hydra/overrides.yaml")
-              for p in root.rglob(pattern)}  # fmt: skip
+    found |= {
+        p.parent.parent
+        for pattern in (".hydra/config.yaml", ".hydra/overrides.yaml")
+        for p in root.rglob(pattern)
+    }
     return sorted(found, key=natural_key)
 
 
@@ -379,8 +382,13 @@ class Report:
         return "experiment=" + ", ".join(experiments) if experiments else "rdd-lightning results"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"title": self.title, "shared_overrides": self.shared, "groups": self.groups,
-                "evaluations": self.evaluations, "incomplete": self.incomplete}  # fmt: skip
+        return {
+            "title": self.title,
+            "shared_overrides": self.shared,
+            "groups": self.groups,
+            "evaluations": self.evaluations,
+            "incomplete": self.incomplete,
+        }
 
 
 def job_key(job: Job) -> tuple[str, ...]:
@@ -484,8 +492,17 @@ def render_rich(report: Report, console=None) -> None:
         )
         table = Table(title=title, caption=caption, caption_justify="left")
         for name in header:
-            numeric = name not in {"group", "network", "distillation", "evaluation", "run", "job", "overrides",
-                                   "state", "last error in log"}  # fmt: skip
+            numeric = name not in {
+                "group",
+                "network",
+                "distillation",
+                "evaluation",
+                "run",
+                "job",
+                "overrides",
+                "state",
+                "last error in log",
+            }
             table.add_column(name, justify="right" if numeric else "left", overflow="fold")
         for row in rows:
             table.add_row(*row)
@@ -511,9 +528,23 @@ def render_markdown(report: Report) -> str:
     return "\n\n".join(parts)
 
 
-CSV_FIELDS = ["kind", "group", "n", "miou_mean", "miou_std", "miou_best", "teacher_miou", "paper_miou",
-              "wall_time_s_mean", "device_hours_total", "train_images_per_s_mean", "peak_memory_mb_max",
-              "overrides", "note", "paths"]  # fmt: skip
+CSV_FIELDS = [
+    "kind",
+    "group",
+    "n",
+    "miou_mean",
+    "miou_std",
+    "miou_best",
+    "teacher_miou",
+    "paper_miou",
+    "wall_time_s_mean",
+    "device_hours_total",
+    "train_images_per_s_mean",
+    "peak_memory_mb_max",
+    "overrides",
+    "note",
+    "paths",
+]
 
 
 def render_csv(report: Report) -> str:
@@ -526,12 +557,28 @@ def render_csv(report: Report) -> str:
             {**g, "kind": "group", "overrides": " ".join(g["overrides"]), "paths": " ".join(g["runs"])}
         )
     for e in report.evaluations:
-        writer.writerow({"kind": "evaluation", "group": f"eval {e['dataset']}/{e['split']} {e['network']}",
-                         "n": 1, "miou_mean": e["miou"], "miou_best": e["miou"], "paths": e["run"]})  # fmt: skip
+        writer.writerow(
+            {
+                "kind": "evaluation",
+                "group": f"eval {e['dataset']}/{e['split']} {e['network']}",
+                "n": 1,
+                "miou_mean": e["miou"],
+                "miou_best": e["miou"],
+                "paths": e["run"],
+            }
+        )
     for j in report.incomplete:
         note = j["state"] + (f"; {j['error']}" if j["error"] else "")
-        writer.writerow({"kind": "incomplete", "group": j["group"], "n": 0, "overrides": " ".join(j["overrides"]),
-                         "note": note, "paths": j["job"]})  # fmt: skip
+        writer.writerow(
+            {
+                "kind": "incomplete",
+                "group": j["group"],
+                "n": 0,
+                "overrides": " ".join(j["overrides"]),
+                "note": note,
+                "paths": j["job"],
+            }
+        )
     return out.getvalue()
 
 
@@ -561,8 +608,14 @@ def plot_groups(groups: list[dict[str, Any]]):
             0.15 * (k - (len(g["mious"]) - 1) / 2) / max(1, len(g["mious"]) - 1)
             for k in range(len(g["mious"]))
         ]
-        ax.scatter([i + o for o in offsets], g["mious"], color="black", s=16, zorder=3,
-                   label="runs (seeds)" if i == 0 else None)  # fmt: skip
+        ax.scatter(
+            [i + o for o in offsets],
+            g["mious"],
+            color="black",
+            s=16,
+            zorder=3,
+            label="runs (seeds)" if i == 0 else None,
+        )
     for name, marker, color, size in (("paper_miou", "*", "C3", 160), ("teacher_miou", "_", "C2", 400)):
         points = [(i, g[name]) for i, g in enumerate(groups) if g[name] is not None]
         if points:
@@ -606,8 +659,14 @@ def plot_learning_curves(groups: list[dict[str, Any]], metrics: tuple[str, ...] 
             for ax, metric in zip(axes, metrics, strict=True):
                 if series.get(metric):
                     steps, values = zip(*series[metric], strict=True)
-                    ax.plot(steps, values, color=f"C{colour % 10}", marker=".", alpha=0.8,
-                            label=g["group"] if k == 0 else None)  # fmt: skip
+                    ax.plot(
+                        steps,
+                        values,
+                        color=f"C{colour % 10}",
+                        marker=".",
+                        alpha=0.8,
+                        label=g["group"] if k == 0 else None,
+                    )
     for ax, metric in zip(axes, metrics, strict=True):
         ax.set_xlabel("step")
         ax.set_title(metric)

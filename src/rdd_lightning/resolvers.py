@@ -14,8 +14,11 @@ def _parent_start_time() -> datetime.datetime | None:
     try:
         fields = Path(f"/proc/{os.getppid()}/stat").read_text().rsplit(")", 1)[1].split()
         ticks = int(fields[19])  # field 22 of stat: start time in clock ticks after boot
-        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
-                    if line.startswith("btime"))  # fmt: skip
+        boot = next(
+            int(line.split()[1])
+            for line in Path("/proc/stat").read_text().splitlines()
+            if line.startswith("btime")
+        )
         return datetime.datetime.fromtimestamp(boot + ticks / os.sysconf("SC_CLK_TCK"))
     except (OSError, ValueError, IndexError, StopIteration):
         return None

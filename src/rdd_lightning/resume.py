@@ -157,8 +157,12 @@ class RunCheckpoint(ModelCheckpoint):
                 if rank_zero_only.rank == 0 and not (new_dir / Path(best).name).exists():
                     new_dir.mkdir(parents=True, exist_ok=True)
                     shutil.copyfile(best, new_dir / Path(best).name)
-                    log.info("resumed into a new run directory: copied %s (best score %s) to %s", best,
-                             state_dict.get("best_model_score"), new_dir)  # fmt: skip
+                    log.info(
+                        "resumed into a new run directory: copied %s (best score %s) to %s",
+                        best,
+                        state_dict.get("best_model_score"),
+                        new_dir,
+                    )
             elif best:
                 log.warning("the resumed run's best checkpoint %s is gone; its score is kept", best)
                 state_dict["best_model_path"] = ""

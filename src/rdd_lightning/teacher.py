@@ -187,7 +187,7 @@ def auto_teacher_checkpoint(
             "overrides": sorted(dataset_overrides),
             "seed": seed,
             "recipe": TEACHER_RECIPE,
-        },  # fmt: skip
+        },
         sort_keys=True,
         default=str,
     )
@@ -208,11 +208,20 @@ def auto_teacher_checkpoint(
         if run_dir.exists():  # an interrupted earlier attempt; keep it for inspection
             run_dir.rename(folder / f"run-interrupted-{os.getpid()}")
         cmd = [
-            sys.executable, "-m", "rdd_lightning.train", TEACHER_RECIPE, f"student={teacher_choice}",
-            f"seed={seed}", "logger=csv", f"hydra.run.dir={run_dir}", *dataset_overrides,
-        ]  # fmt: skip
-        print(f"[rdd_lightning] no cached teacher for teacher={teacher_choice}; training one: {' '.join(cmd[1:])}",
-              flush=True)  # fmt: skip
+            sys.executable,
+            "-m",
+            "rdd_lightning.train",
+            TEACHER_RECIPE,
+            f"student={teacher_choice}",
+            f"seed={seed}",
+            "logger=csv",
+            f"hydra.run.dir={run_dir}",
+            *dataset_overrides,
+        ]
+        print(
+            f"[rdd_lightning] no cached teacher for teacher={teacher_choice}; training one: {' '.join(cmd[1:])}",
+            flush=True,
+        )
         (folder / "failed.txt").unlink(missing_ok=True)
         result = subprocess.run(cmd, check=False, env=clean_environment())
         best = run_dir / "checkpoints" / "best.ckpt"

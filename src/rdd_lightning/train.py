@@ -68,8 +68,17 @@ def compute_record(trainer: L.Trainer, wall_time_s: float) -> dict[str, Any]:
     return monitor.summary(wall_time_s, trainer.world_size, trainer.strategy.root_device)
 
 
-def results_record(cfg: DictConfig, trainer: L.Trainer, module: DistillationModule, datamodule, final: dict,
-                   saved: tuple, teacher: dict | None, ckpt_path: str | None, wall_time_s: float) -> dict[str, Any]:  # fmt: skip
+def results_record(
+    cfg: DictConfig,
+    trainer: L.Trainer,
+    module: DistillationModule,
+    datamodule,
+    final: dict,
+    saved: tuple,
+    teacher: dict | None,
+    ckpt_path: str | None,
+    wall_time_s: float,
+) -> dict[str, Any]:
     """What ``results.json`` holds (``report`` and the notebooks read it instead of logs)."""
     best_path, best_miou, last_path = saved
     choices = HydraConfig.get().runtime.choices
@@ -119,8 +128,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     objective = builders.build_objective(cfg, datamodule)
     wandb_job.configure(cfg)
     trainer = builders.build_trainer(cfg, builders.stage_switch_callback(objective))
-    log.info("batch: %d global = %d process(es) x %d", datamodule.batch_size, trainer.world_size,
-             datamodule.per_process_batch(trainer.world_size))  # fmt: skip
+    log.info(
+        "batch: %d global = %d process(es) x %d",
+        datamodule.batch_size,
+        trainer.world_size,
+        datamodule.per_process_batch(trainer.world_size),
+    )
     student = builders.apply_sync_batchnorm(cfg, trainer, builders.build_student(cfg, datamodule.num_classes))
     teacher, teacher_record = (None, None)
     if objective.needs_teacher:
@@ -135,13 +148,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         track_children(trainer)  # ddp_job waits for the ranks this trainer started
     final = validated_final(trainer, module, datamodule) if cfg.validate_final else dict(module.last_val)
     saved = save_final(trainer, final)
-    results = results_record(cfg, trainer, module, datamodule, final, saved, teacher_record, ckpt_path,
-                             time.time() - start)  # fmt: skip
+    results = results_record(
+        cfg, trainer, module, datamodule, final, saved, teacher_record, ckpt_path, time.time() - start
+    )
     if trainer.is_global_zero:
         write_json(output_dir / "results.json", results)
         wandb_job.log_results(trainer.loggers, results)
-        log.info("val mIoU: best %.2f, final %.2f -> %s", results["best_val_miou"] or float("nan"),
-                 results["final_val_miou"] or float("nan"), output_dir / "results.json")  # fmt: skip
+        log.info(
+            "val mIoU: best %.2f, final %.2f -> %s",
+            results["best_val_miou"] or float("nan"),
+            results["final_val_miou"] or float("nan"),
+            output_dir / "results.json",
+        )
     return results
 
 

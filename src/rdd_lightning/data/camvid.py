@@ -9,15 +9,33 @@ import numpy as np
 from rdd_lightning.data.base import IGNORE_INDEX, SegmentationDataset, pair_by_stem
 
 CAMVID_CLASSES = (
-    "sky", "building", "pole", "road", "sidewalk", "tree", "sign_symbol", "fence", "car", "pedestrian",
+    "sky",
+    "building",
+    "pole",
+    "road",
+    "sidewalk",
+    "tree",
+    "sign_symbol",
+    "fence",
+    "car",
+    "pedestrian",
     "bicyclist",
-)  # fmt: skip
+)
 
 #: The colours SegNet's CamVid scripts draw the 11 classes with (void is black).
 CAMVID_PALETTE = (
-    (128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128), (60, 40, 222), (128, 128, 0),
-    (192, 128, 128), (64, 64, 128), (64, 0, 128), (64, 64, 0), (0, 128, 192),
-)  # fmt: skip
+    (128, 128, 128),
+    (128, 0, 0),
+    (192, 192, 128),
+    (128, 64, 128),
+    (60, 40, 222),
+    (128, 128, 0),
+    (192, 128, 128),
+    (64, 64, 128),
+    (64, 0, 128),
+    (64, 64, 0),
+    (0, 128, 192),
+)
 
 
 class CamVid(SegmentationDataset):

@@ -167,8 +167,13 @@ class SegmentationDataModule(L.LightningDataModule):
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         cap = max(0, cpus // local_processes)
         if self.num_workers > cap:
-            log.info("dataset.num_workers=%d capped at %d: %d CPUs for %d process(es) on this machine",
-                     self.num_workers, cap, cpus, local_processes)  # fmt: skip
+            log.info(
+                "dataset.num_workers=%d capped at %d: %d CPUs for %d process(es) on this machine",
+                self.num_workers,
+                cap,
+                cpus,
+                local_processes,
+            )
         return min(self.num_workers, cap)
 
     def _train_position(self) -> tuple[int, int]:

@@ -27,13 +27,31 @@ from rdd_lightning.data.camvid import CamVid
 from rdd_lightning.errors import ConfigError
 
 CLASS_NAMES = (
-    "sky", "ground", "wall", "disk", "box", "triangle", "ellipse", "ring", "star", "cross", "hexagon",
-)  # fmt: skip
+    "sky",
+    "ground",
+    "wall",
+    "disk",
+    "box",
+    "triangle",
+    "ellipse",
+    "ring",
+    "star",
+    "cross",
+    "hexagon",
+)
 VOID = 11
 _TEXTURES = ("solid", "stripes", "checker", "dots", "noise", "gradient")
 # Each object class prefers one texture (70 % of the time); otherwise it draws any texture.
-_PREFERRED_TEXTURE = {3: "dots", 4: "checker", 5: "stripes", 6: "gradient", 7: "solid", 8: "noise",
-                      9: "stripes", 10: "checker"}  # fmt: skip
+_PREFERRED_TEXTURE = {
+    3: "dots",
+    4: "checker",
+    5: "stripes",
+    6: "gradient",
+    7: "solid",
+    8: "noise",
+    9: "stripes",
+    10: "checker",
+}
 _SPLITS = {"train": 0, "val": 1, "test": 2}
 
 
@@ -183,8 +201,16 @@ class Synthetic(CamVid):
     SOURCE = "the generator in rdd_lightning.data.synthetic (written on first use by the datamodule)"
 
     @staticmethod
-    def prepare(root: str | os.PathLike, *, seed: int = 0, image_size: int = 96, num_train: int = 400,
-                num_val: int = 100, num_test: int = 100, **_: object) -> None:  # fmt: skip
+    def prepare(
+        root: str | os.PathLike,
+        *,
+        seed: int = 0,
+        image_size: int = 96,
+        num_train: int = 400,
+        num_val: int = 100,
+        num_test: int = 100,
+        **_: object,
+    ) -> None:
         """Write the dataset to ``root`` unless a complete copy with the same parameters is there.
 
         ``root`` gets a ``generator.json`` with the parameters; a different set of parameters needs a
@@ -197,8 +223,14 @@ class Synthetic(CamVid):
 
     @staticmethod
     def _write(root: Path, seed: int, image_size: int, num_train: int, num_val: int, num_test: int) -> None:
-        params = {"seed": seed, "image_size": image_size, "num_train": num_train, "num_val": num_val,
-                  "num_test": num_test, "version": 2}  # fmt: skip
+        params = {
+            "seed": seed,
+            "image_size": image_size,
+            "num_train": num_train,
+            "num_val": num_val,
+            "num_test": num_test,
+            "version": 2,
+        }
         stamp = root / "generator.json"
         if stamp.is_file():
             existing = json.loads(stamp.read_text())
