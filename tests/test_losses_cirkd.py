@@ -185,6 +185,26 @@ def test_memory_enqueue_fills_a_subset_and_the_region_mean():
     assert memory.region_queue_ptr.tolist() == [1, 1]
 
 
+def test_memory_pixel_queues_hold_only_pixels_of_their_class():
+    # Each class sits away from the start of the map (class 0 on the bottom row, class 1 in the middle, void
+    # on top): the published enqueue, which reads its random indices below the class's pixel count as
+    # positions of the whole map, would store void pixels of the top rows here. Ours stores the class's own.
+    torch.manual_seed(8)
+    memory = small_memory()  # pixel queue 5, 2 pixels per class and image
+    g = torch.Generator().manual_seed(9)
+    t = F.normalize(torch.randn(1, 4, 4, 4, generator=g), dim=1)
+    labels = torch.full((1, 4, 4), IGNORE)
+    labels[0, 3] = 0
+    labels[0, 1:3] = 1
+    pixels = t[0].reshape(4, -1).t()  # [16, 4], raster order
+    own = {c: pixels[labels.reshape(-1) == c] for c in (0, 1)}
+    for _ in range(3):  # 3 x 2 entries per class: every one of the 5 slots rewritten
+        memory.enqueue(t, labels)
+    for c in (0, 1):
+        for entry in memory.pixel_queue[c]:
+            assert (entry - own[c]).abs().amax(dim=1).min() < 1e-6
+
+
 def test_memory_queues_wrap_around_and_never_grow():
     torch.manual_seed(2)
     memory = small_memory()  # pixel queue 5, region queue 3, 2 pixels per class and image

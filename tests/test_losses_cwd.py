@@ -1,4 +1,5 @@
-"""Channel-wise distillation (rdd_lightning.losses.cwd) against a per-channel loop in float64."""
+"""Channel-wise distillation (rdd_lightning.losses.cwd) against a per-channel loop in float64, and its
+normaliser with a connector (the student's channel count, as the CIRKD code)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,11 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
+from rdd_lightning.distillation import DistillationObjective
 from rdd_lightning.losses import FeatureConnector, channel_wise_divergence
+from rdd_lightning.models import SegOutput
 from tests.test_kd import explicit_bilinear
 
 
@@ -57,12 +61,78 @@ def test_cwd_resizes_student_to_teacher():
     assert channel_wise_divergence(s, t).item() == pytest.approx(expected, rel=1e-5)
 
 
+def hand_cwd_through_conv(s: torch.Tensor, weight: torch.Tensor, t: torch.Tensor, T: float) -> float:
+    """The published CWD feature term written out: map the ``Cs``-channel student through the bias-free 1x1
+    conv ``weight [Ct, Cs]`` pixel by pixel, sum the per-channel KL over all ``B * Ct`` maps, times ``T^2``,
+    divided by ``B * Cs`` (the channel count of the student before the conv). Plain float loops."""
+    s, weight, t = s.detach().double(), weight.detach().double(), t.detach().double()
+    B, Cs, h, w = s.shape
+    Ct = weight.shape[0]
+    total = 0.0
+    for b in range(B):
+        for c in range(Ct):
+            mapped = [
+                sum(float(weight[c, k]) * float(s[b, k, i, j]) for k in range(Cs)) / T
+                for i in range(h)
+                for j in range(w)
+            ]
+            target = [float(v) / T for v in t[b, c].flatten()]
+            zs = math.log(sum(math.exp(v) for v in mapped))
+            zt = math.log(sum(math.exp(v) for v in target))
+            total += sum(
+                math.exp(vt - zt) * ((vt - zt) - (vs - zs)) for vs, vt in zip(mapped, target, strict=True)
+            )
+    return T * T * total / (B * Cs)
+
+
+@pytest.mark.parametrize("T", [1.0, 4.0])
+def test_cwd_with_connector_divides_by_the_student_channels(T):
+    # 4 student channels mapped to 8 teacher channels: the KL over the 8 mapped maps is divided by 4 (CIRKD's
+    # CriterionCWD reads its channel count before its connector), i.e. twice the mean over the 8 maps.
+    g = torch.Generator().manual_seed(4)
+    s, t = 2 * torch.randn(2, 4, 3, 2, generator=g), 2 * torch.randn(2, 8, 3, 2, generator=g)
+    conv = nn.Conv2d(4, 8, kernel_size=1, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(8, 4, 1, 1, generator=g))
+    loss = channel_wise_divergence(s, t, temperature=T, connector=conv)
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    expected = hand_cwd_through_conv(s, conv.weight[:, :, 0, 0], t, T)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    mean_over_maps = ref_cwd(conv(s), t, T)  # the T^2 / (B * Ct) normaliser, e.g. mmrazor's after a connector
+    assert loss.item() == pytest.approx(8 / 4 * mean_over_maps, rel=1e-5)
+
+
+def test_cwd_identity_connector_is_the_mean_over_channel_maps():
+    g = torch.Generator().manual_seed(5)
+    s, t = torch.randn(2, 3, 3, 3, generator=g), torch.randn(2, 3, 3, 3, generator=g)
+    connector = FeatureConnector(3, 3)
+    assert connector.is_identity
+    loss = channel_wise_divergence(s, t, connector=connector)
+    assert loss.item() == pytest.approx(ref_cwd(s, t, 4.0), rel=1e-5)
+
+
+def test_objective_cwd_feature_uses_the_student_channel_normaliser():
+    g = torch.Generator().manual_seed(6)
+    objective = DistillationObjective(name="cwd", terms={"cwd_feature": {"weight": 1.0}})
+    connector = FeatureConnector(4, 8).eval()  # BN on running statistics: a fixed map
+    with torch.no_grad():
+        connector.body[0].weight.copy_(torch.randn(8, 4, 1, 1, generator=g))
+    fs, ft = torch.randn(2, 4, 3, 3, generator=g), torch.randn(2, 8, 3, 3, generator=g)
+    logits = torch.randn(2, 3, 3, 3, generator=g)
+    student = SegOutput(logits=logits, aux_logits=None, features=[fs], decoder_features=fs)
+    teacher = SegOutput(logits=logits, aux_logits=None, features=[ft], decoder_features=ft)
+    target = torch.zeros(2, 3, 3, dtype=torch.long)
+    out = objective(student, teacher, target, nn.ModuleDict({"cwd_feature": connector}))
+    expected = 8 / 4 * ref_cwd(connector(fs), ft, 4.0)
+    assert out["loss_cwd_feature"].item() == pytest.approx(expected, rel=1e-5)
+
+
 def test_cwd_gradient_reaches_student_and_connector_not_teacher():
     g = torch.Generator().manual_seed(2)
     fs = torch.randn(2, 4, 3, 3, generator=g, requires_grad=True)
     ft = torch.randn(2, 6, 3, 3, generator=g, requires_grad=True)
     connector = FeatureConnector(4, 6)
-    channel_wise_divergence(connector(fs), ft).backward()
+    channel_wise_divergence(fs, ft, connector=connector).backward()
     assert ft.grad is None
     assert fs.grad is not None and fs.grad.abs().sum() > 0
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in connector.parameters())

@@ -677,11 +677,13 @@ class DistillationObjective:
         return out.decoder_features
 
     def _term_cwd_feature(self, s: SegOutput, t: SegOutput, y: Tensor, modules, o) -> dict[str, Tensor]:
-        connector = self._module(modules, "cwd_feature")
-        feature = connector(self._feature(s, "student"))
+        connector = self._module(modules, "cwd_feature")  # applied inside: the normaliser is the student's
         return {
             "weight": channel_wise_divergence(
-                feature, self._feature(t, "teacher"), temperature=o["temperature"]
+                self._feature(s, "student"),
+                self._feature(t, "teacher"),
+                temperature=o["temperature"],
+                connector=connector,
             )
         }
 

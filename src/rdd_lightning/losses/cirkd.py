@@ -44,8 +44,16 @@ Deliberate differences from the published code:
   (0.75 GiB for ``B_global = 16`` and 512 rows) with the same value and gradient (``benchmarks/cirkd_memory.py``).
 - Pixel queues are true ring buffers (entry ``(ptr + r) mod size``); the published code writes the last ``K``
   slots and resets the pointer when a write would pass the end. Queues never grow past their size either way.
-- Pixels to enqueue are chosen by one sort per image instead of a Python loop over classes (same distribution:
-  a uniform random subset of at most 16 pixels of each class present).
+- The pixel queue of class ``c`` receives pixels of class ``c``: per image, a uniform random subset of at
+  most ``pixels_per_update`` (16) of the valid pixels labelled ``c`` (chosen with one sort per image, not a
+  loop over classes). The published enqueue draws ``K = min(n_c, 16)`` random indices below ``n_c`` (the
+  number of pixels of class ``c`` in the image) and reads them as positions in the whole flattened feature
+  map, not among the class's pixels: under label ``c`` it stores random pixels of the first ``n_c`` positions
+  in raster order (the top rows of the map) whatever their label, void included. We enqueue the class's own
+  pixels deliberately, so that each class's queue holds embeddings of that class. The memory losses do not
+  use the keys' labels, so the difference is which teacher embeddings serve as keys (published: pixels from
+  the top of the map, the more so the smaller the class). Region queues are the same in both (the normalised
+  mean of the class's pixels).
 - A batch without valid pixels gives memory losses of exactly 0 with a zero gradient (the published code
   returns NaN there); enqueuing happens only in training mode.
 - The student's feature is resized bilinearly (``align_corners=True``) to the teacher's resolution when they
@@ -359,8 +367,9 @@ class CIRKDMemory(nn.Module):
 
         For every image and every class present: the normalised mean embedding of the class's pixels goes to
         the class's region queue (one entry), and a uniform random subset of at most ``pixels_per_update`` of
-        its pixels goes to its pixel queue. Both queues are ring buffers: the pointer advances by the number
-        of entries written, modulo the queue size.
+        the class's own pixels goes to its pixel queue (the published code takes pixels of the map's top rows,
+        whatever their label; see the module notes). Both queues are ring buffers: the pointer advances by the
+        number of entries written, modulo the queue size.
 
         Args:
             teacher_embeddings: ``[B, D, h, w]`` L2-normalised teacher embeddings.
