@@ -15,11 +15,15 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from rdd_lightning.errors import ConfigError
 from rdd_lightning.report import (
+    ResultsFileError,
     build_report,
     discover_jobs,
     group_key,
+    load_results,
     main,
+    paper_entry,
     plot_groups,
     read_metrics,
 )
@@ -144,7 +148,11 @@ def test_runs_differing_only_by_seed_form_one_group_with_mean_and_sample_std(swe
     assert none["miou_best"] == 77.0
     kd = groups["distillation=kd"]
     assert (kd["n"], kd["miou_mean"], kd["miou_std"]) == (1, 60.0, None)
-    assert report["shared_overrides"] == ["student=resnet18", *SHARED]
+    assert report["shared_overrides"] == [
+        "experiment=cityscapes",
+        "student=resnet18",
+        "trainer.max_steps=100",
+    ]
 
 
 def test_table_shows_mean_std_teacher_paper_and_title(sweep, capsys):
@@ -192,6 +200,62 @@ def test_incomplete_job_is_listed_with_its_overrides_and_state(sweep, capsys):
     assert "incomplete or failed jobs" in out and "seed=9" in out
 
 
+def test_group_key_ignores_order_and_spelling_of_the_overrides():
+    """The same setting gives one key: any order, ``+``/``++`` dropped, numbers by value; strings as written."""
+    one = ["seed=1", "optimizer.lr=1e-2", "++trainer.max_steps=100", "student=resnet18", "+flag=True"]
+    other = ["student=resnet18", "flag=true", "trainer.max_steps=100.0", "seed=2", "optimizer.lr=0.010"]
+    assert group_key(one) == group_key(other)
+    assert group_key(one) == ("flag=true", "optimizer.lr=0.01", "student=resnet18", "trainer.max_steps=100")
+    assert group_key(["distillation.tse.threshold=0.70"]) == group_key(["distillation.tse.threshold=0.7"])
+    assert group_key(["name=abc"]) != group_key(["name=ABC"])  # strings stay strings
+    assert group_key(["dataset.root='0.70'"]) == ("dataset.root='0.70'",)  # quoted: a string, not a number
+    assert group_key(["~callbacks.early_stopping", "a=nan"]) == ("a=nan", "~callbacks.early_stopping")
+
+
+def test_jobs_whose_overrides_differ_only_in_order_or_spelling_form_one_group(tmp_path, capsys):
+    root = tmp_path / "multiruns" / "t"
+    write_job(root / "0", ["dataset=camvid", "distillation=kd", "seed=1"], 70.0)
+    write_job(root / "1", ["distillation=kd", "dataset=camvid", "seed=2"], 73.5)
+    write_job(root / "2", ["+distillation.tse.threshold=0.70", "distillation=rdd", "seed=1"], 60.0)
+    write_job(root / "3", ["distillation=rdd", "++distillation.tse.threshold=0.7", "seed=2"], 62.0)
+    groups = {g["group"]: g for g in report_json(capsys, str(root))["groups"]}
+    assert set(groups) == {  # labels: the overrides sorted by key, numbers in one spelling
+        "dataset=camvid distillation=kd",
+        "distillation=rdd distillation.tse.threshold=0.7",
+    }
+    kd = groups["dataset=camvid distillation=kd"]
+    # 70 and 73.5: mean 71.75; deviations -1.75, 1.75 -> squares 3.0625 + 3.0625 = 6.125, / (2 - 1)
+    assert (kd["n"], sorted(kd["seeds"])) == (2, [1, 2])
+    assert kd["miou_mean"] == pytest.approx(71.75)
+    assert kd["miou_std"] == pytest.approx(math.sqrt(6.125))  # 2.4749
+    rdd = groups["distillation=rdd distillation.tse.threshold=0.7"]
+    assert (rdd["n"], rdd["miou_mean"]) == (2, pytest.approx(61.0))
+    assert rdd["overrides"] == ["distillation=rdd", "distillation.tse.threshold=0.7"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "rdd_lightning.report", str(root), "--format", "markdown"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    assert "| dataset=camvid distillation=kd | resnet18 | none | 2 | 71.75 ± 2.47 | 73.50 |" in proc.stdout
+
+
+def test_paper_entry_matches_values_in_any_spelling(tmp_path, capsys):
+    """``0.70`` on the command line matches the config's ``0.7``; ``True`` matches ``true``; ints by value."""
+    entry = {"distillation": "rdd", "distillation.tse.threshold": 0.7, "miou": 61.5}
+    paper = {"table": "T", "results": [entry, "not an entry", {"distillation": "rdd"}]}  # the bad two skipped
+    assert paper_entry(paper, ("distillation.tse.threshold=0.70", "distillation=rdd")) == entry
+    assert paper_entry(paper, ("distillation.tse.threshold=0.75", "distillation=rdd")) is None
+    flags = {"results": [{"student.pretrained": True, "trainer.max_steps": 40000, "miou": 1.0}]}
+    assert paper_entry(flags, ("student.pretrained=True", "trainer.max_steps=40000.0")) is not None
+    write_job(
+        tmp_path / "0", ["distillation=rdd", "distillation.tse.threshold=0.70", "seed=1"], 60.0, paper=paper
+    )
+    (group,) = report_json(capsys, str(tmp_path))["groups"]
+    assert group["paper_miou"] == 61.5
+
+
 def test_paper_entry_needs_every_key(tmp_path, capsys):
     paper = {"table": "T", "results": [{"student": "resnet18", "distillation": "none", "miou": 74.21}]}
     write_job(tmp_path / "a", ["student=resnet18", "distillation=none", "seed=1"], 70.0, paper=paper)
@@ -199,9 +263,9 @@ def test_paper_entry_needs_every_key(tmp_path, capsys):
     write_job(tmp_path / "c", ["student=mobilenet_v2", "distillation=none", "seed=1"], 72.0, paper=paper)
     papers = {tuple(g["overrides"]): g["paper_miou"] for g in report_json(capsys, str(tmp_path))["groups"]}
     assert papers == {
-        ("student=resnet18", "distillation=none"): 74.21,
+        ("distillation=none", "student=resnet18"): 74.21,  # sorted by key
         ("student=resnet18",): None,
-        ("student=mobilenet_v2", "distillation=none"): None,
+        ("distillation=none", "student=mobilenet_v2"): None,
     }
 
 
@@ -218,7 +282,7 @@ def test_a_published_number_stands_only_beside_runs_of_its_split(tmp_path, capsy
             paper=paper,
             **extra,
         )
-    groups = {g["overrides"][1]: g for g in report_json(capsys, str(tmp_path))["groups"]}
+    groups = {g["overrides"][0]: g for g in report_json(capsys, str(tmp_path))["groups"]}  # sorted by key
     assert groups["dataset.root=/on_test"]["paper_miou"] == 66.92
     assert groups["dataset.root=/on_test"]["paper_split_mismatch"] is None
     assert groups["dataset.root=/on_val"]["paper_miou"] is None
@@ -228,6 +292,126 @@ def test_a_published_number_stands_only_beside_runs_of_its_split(tmp_path, capsy
     )
     assert main([str(tmp_path), "--format", "markdown"]) == 0
     assert "| published on test, runs on val |" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------- bad files
+TRUNCATED = '{"overrides": ["distillation=kd", "seed=2"], "best_val'  # cut while writing, inside a key
+BAD_FILES = {  # job: (results.json text, the problem the report shows)
+    "2": (
+        TRUNCATED,
+        "bad results.json (not valid JSON (truncated or corrupt): Unterminated string starting at: line 1 "
+        "column 46): move it aside",
+    ),
+    "3": ("", "bad results.json (empty file): move it aside"),
+    "4": ("[70.0, 72.0]", "bad results.json (a JSON array, not an object): move it aside"),
+    "5": (
+        json.dumps({"seed": 5, "final_val_miou": 70.0}),
+        "bad results.json (missing keys 'overrides', 'best_val_miou'): move it aside",
+    ),
+    "6": (
+        json.dumps({"overrides": ["distillation=kd", "seed=6"], "best_val_miou": "high"}),
+        'bad results.json (best_val_miou is "high", not a number): move it aside',
+    ),
+}
+
+
+@pytest.fixture
+def bad_sweep(tmp_path) -> Path:
+    """Two good jobs (``distillation=kd`` 70, ``distillation=none`` 65; the kd one's teacher run has a corrupt
+    results.json) and, for seeds 2..6 of ``distillation=kd``, one job per entry of :data:`BAD_FILES`; job 7's
+    ``.hydra/overrides.yaml`` is not YAML."""
+    root = tmp_path / "multiruns" / "t"
+    teacher = tmp_path / "teacher"
+    (teacher / "checkpoints").mkdir(parents=True)
+    (teacher / "results.json").write_text('{"best_val_miou": 8')
+    ckpt = str(teacher / "checkpoints" / "best.ckpt")
+    write_job(root / "0", ["distillation=kd", "seed=1"], 70.0, teacher_checkpoint=ckpt)
+    write_job(root / "1", ["distillation=none", "seed=1"], 65.0)
+    for job, (text, _) in BAD_FILES.items():
+        write_job(root / job, ["distillation=kd", f"seed={job}"], 1.0)
+        (root / job / "results.json").write_text(text)
+    (root / "7" / ".hydra").mkdir(parents=True)
+    (root / "7" / ".hydra" / "overrides.yaml").write_text("- [unclosed\n")
+    return root
+
+
+def test_bad_results_files_are_listed_with_their_reason_and_the_other_jobs_reported(bad_sweep, capsys):
+    report = report_json(capsys, str(bad_sweep))
+    groups = {g["group"]: g for g in report["groups"]}
+    assert set(groups) == {"distillation=kd", "distillation=none"}
+    assert (groups["distillation=kd"]["n"], groups["distillation=kd"]["miou_mean"]) == (1, 70.0)
+    assert groups["distillation=kd"]["teacher_miou"] is None  # its teacher's results.json is corrupt
+    assert (groups["distillation=none"]["n"], groups["distillation=none"]["miou_mean"]) == (1, 65.0)
+    listed = {Path(j["job"]).name: j for j in report["incomplete"]}
+    assert set(listed) == {*BAD_FILES, "7"}
+    for job, (_, problem) in BAD_FILES.items():
+        assert listed[job]["problem"] == problem
+        assert listed[job]["state"] == f"{problem}; no checkpoint"
+        assert listed[job]["group"] == f"distillation=kd seed={job}"  # overrides from .hydra/overrides.yaml
+    assert listed["7"]["problem"].startswith("bad .hydra/overrides.yaml (while parsing a flow sequence")
+    assert listed["7"]["problem"].endswith("): overrides unknown") and listed["7"]["overrides"] == []
+
+
+def test_report_cli_with_bad_results_files_prints_the_table_and_exits_0(bad_sweep):
+    proc = subprocess.run(
+        [sys.executable, "-m", "rdd_lightning.report", str(bad_sweep), "--format", "markdown"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == "note: 6 job(s) with a bad file, listed with the incomplete or failed jobs\n"
+    lines = proc.stdout.splitlines()
+    assert "| distillation=kd | resnet18 | none | 1 | 70.00 ± - | 70.00 | 10 |" in lines
+    assert "| distillation=none | resnet18 | none | 1 | 65.00 ± - | 65.00 | 10 |" in lines
+    assert "**incomplete or failed jobs (no usable results.json)**" in lines
+    for job, (_, problem) in BAD_FILES.items():
+        assert f"| {bad_sweep / job} | distillation=kd seed={job} | {problem}; no checkpoint |" in lines
+    table = subprocess.run(
+        [sys.executable, "-m", "rdd_lightning.report", str(bad_sweep)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert table.returncode == 0 and "incomplete or failed jobs (no usable results.json)" in table.stdout
+    assert "distillation=none" in table.stdout and "65.00 ± -" in table.stdout
+
+
+def test_a_bad_results_file_of_a_resumed_run_says_to_move_it_aside_then_resume(bad_sweep, capsys):
+    (bad_sweep / "3" / "checkpoints").mkdir()
+    (bad_sweep / "3" / "checkpoints" / "last.ckpt").write_bytes(b"")
+    (bad_sweep / "3" / "train.log").write_text("[INFO] - start\n[ERROR] - failed: OSError: No space left\n")
+    listed = {Path(j["job"]).name: j for j in report_json(capsys, str(bad_sweep))["incomplete"]}
+    assert listed["3"]["state"] == (
+        "bad results.json (empty file): move it aside; last.ckpt present: resume with ckpt_path=last"
+    )
+    assert listed["3"]["error"] == "[ERROR] - failed: OSError: No space left"
+    assert main([str(bad_sweep), "--format", "csv"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [r["kind"] for r in rows].count("incomplete") == 6 and [r["kind"] for r in rows].count(
+        "group"
+    ) == 2
+
+
+def test_only_bad_results_files_is_still_a_report(tmp_path, capsys):
+    write_run(tmp_path / "run", overrides=["seed=1"])  # no best_val_miou
+    assert main([str(tmp_path / "run")]) == 0
+    out, err = capsys.readouterr()
+    assert "missing key 'best_val_miou'" in out and err.startswith("note: 1 job(s) with a bad file")
+
+
+def test_load_results_of_a_bad_file_is_one_line_naming_the_file(tmp_path):
+    (tmp_path / "results.json").write_text(TRUNCATED)
+    with pytest.raises(ResultsFileError) as caught:
+        load_results(tmp_path)
+    assert isinstance(caught.value, ConfigError) and "\n" not in str(caught.value)
+    assert str(caught.value).startswith(f"{tmp_path / 'results.json'}: not valid JSON (truncated or corrupt)")
+    assert str(caught.value).endswith("move it aside and rerun (or resume) the run that wrote it")
+    (tmp_path / "results.json").write_text('"text"')
+    with pytest.raises(ResultsFileError, match="a JSON string, not an object"):
+        load_results(tmp_path)
+    (tmp_path / "results.json").write_text("{}")
+    assert load_results(tmp_path) == {}  # partial objects are the caller's to judge
 
 
 # ---------------------------------------------------------------------------------------------- formats
@@ -369,8 +553,8 @@ def test_report_shows_an_evaluate_run(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------- end to end
 def run_tiny_sweep(folder: Path) -> Path:
     """A real 3 x 2 multirun of tiny ``distillation=none`` runs: ``optimizer.lr=0.01,0.02`` train, the
-    ``optimizer.lr=-1`` jobs fail in ``configure_optimizers`` after Hydra made their directories (torch's
-    SGD rejects the rate), seeds 1 and 2. Returns the sweep directory."""
+    ``optimizer.lr=-1`` jobs fail the option checks after Hydra made their directories (each job fails, the
+    sweep goes on), seeds 1 and 2. Returns the sweep directory."""
     sweep_dir = folder / "sweep"
     proc = subprocess.run(
         [
@@ -393,7 +577,8 @@ def run_tiny_sweep(folder: Path) -> Path:
         text=True,
         timeout=300,
     )
-    assert proc.returncode != 0 and "Invalid learning rate" in proc.stderr, proc.stderr[-3000:]
+    bad_rate = "error: optimizer.lr=-1: out of range; set optimizer.lr to a number > 0"
+    assert proc.returncode != 0 and proc.stderr.count(bad_rate) == 2, proc.stderr[-3000:]
     assert sorted(p.parent.name for p in sweep_dir.glob("*/results.json")) == ["0", "1", "2", "3"]
     return sweep_dir
 
@@ -420,4 +605,4 @@ def test_report_of_a_real_sweep_with_a_failed_setting(tmp_path):
     failed = {Path(j["job"]).name: j for j in report["incomplete"]}
     assert set(failed) == {"4", "5"}
     assert failed["4"]["group"] == "optimizer.lr=-1 seed=1" and failed["4"]["state"] == "no checkpoint"
-    assert "Invalid learning rate" in failed["4"]["error"]  # the job's own log says why it failed
+    assert "optimizer.lr=-1: out of range" in failed["4"]["error"]  # the job's own log says why it failed

@@ -3,17 +3,22 @@ table|markdown|csv|json] [--plot out.png]``.
 
 A PATH is a run directory, a sweep directory (``logs/<task>/multiruns/<time>``), any folder above them, or a
 glob of those. Every job under it is found: a directory with ``results.json`` is a finished run; a Hydra job
-directory (``.hydra/``) without one is listed as incomplete or failed (never dropped silently).
+directory (``.hydra/``) without one is listed as incomplete or failed (never dropped silently), and so is a job
+whose ``results.json`` cannot be used (empty, truncated or corrupt, not a JSON object, or without the keys the
+report reads): its reason stands in the ``state`` column and every other job is reported as usual.
 
 Grouping rule: finished training runs whose Hydra task overrides are equal once ``seed`` and the overrides that do
-not change the experiment are removed form one group (the seeds of one setting). Removed: ``seed``, bookkeeping
+not change the experiment are removed form one group (the seeds of one setting). Overrides are compared as a set
+of ``key=value`` in one spelling: in any order, ``+``/``++`` dropped, numbers by value (``0.70`` is ``0.7``, ``1.0``
+is ``1``), ``true``/``false``/``null`` in any case; other values as written. Removed: ``seed``, bookkeeping
 (``task_name``, ``tags``, ``ckpt_path``, ``paths.*``, ``hydra.*``), logging and display (``logger*``,
 ``callbacks.progress_bar``, ``callbacks.difficulty_maps*``, ``trainer.enable_progress_bar``,
 ``trainer.enable_model_summary``, ``trainer.log_every_n_steps``) and placement (``trainer.accelerator``,
 ``trainer.devices``, ``trainer.num_nodes``, ``dataset.num_workers``): see :data:`NOT_EXPERIMENT`. Each group shows
 the mean ± sample standard deviation (ddof=1) and the best of its runs' ``best_val_miou``, its teacher's mIoU
 (``teacher_val_miou``, else the teacher run's own ``results.json`` found by :func:`teacher_results`), the
-published number when the experiment's ``paper`` table has an entry matching the group, and its compute. A run of
+published number when the experiment's ``paper`` table has an entry matching the group (its values compared in
+the same spelling), and its compute. A group is named by its overrides sorted by key. A run of
 ``rdd_lightning.evaluate`` (``results.json`` with ``mIoU``) is listed in its own table. Nothing here parses logs,
 except the last error line of an incomplete job's log.
 """
@@ -25,6 +30,7 @@ import csv
 import glob
 import io
 import json
+import math
 import re
 import statistics
 import sys
@@ -33,6 +39,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
+
+from rdd_lightning.errors import ConfigError
 
 # Override keys (after any ``+``/``++``/``~`` prefix) that do not change the experiment: an exact key, or a
 # prefix when it ends with "." or "*".
@@ -57,16 +65,119 @@ NOT_EXPERIMENT = (
 
 
 # ------------------------------------------------------------------------------------------ results files
+# What the report reads from a results.json besides ``overrides`` (a list): keys whose value, when present and
+# not null, must be a number, an object or a string ("compute.x" is the key x of the "compute" object).
+NUMBER_KEYS = (
+    "best_val_miou",
+    "final_val_miou",
+    "teacher_val_miou",
+    "wall_time_s",
+    "mIoU",
+    "aAcc",
+    "compute.wall_time_s",
+    "compute.device_hours",
+    "compute.train_images_per_s",
+    "compute.peak_memory_mb",
+)
+OBJECT_KEYS = ("choices", "compute", "network", "paper")
+STRING_KEYS = ("experiment", "paper.table", "paper.split")
+# The keys a training run's results.json must have (an evaluation's has ``mIoU``).
+REQUIRED_KEYS = ("overrides", "best_val_miou")
+
+
+class ResultsFileError(ConfigError):
+    """A ``results.json`` that is not a readable JSON object; ``reason`` says why in a few words."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"{path}: {reason}; move it aside and rerun (or resume) the run that wrote it")
+        self.path, self.reason = path, reason
+
+
+def json_kind(value: Any) -> str:
+    """The JSON name of a parsed value's type: ``"array"`` for a list, ``"number"`` for a float."""
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    kinds = {dict: "object", list: "array", str: "string", int: "number", float: "number"}
+    return next(name for kind, name in kinds.items() if isinstance(value, kind))
+
+
+def parse_results(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``; :class:`ResultsFileError` when it is unreadable, empty, not JSON or not
+    an object."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as err:
+        raise ResultsFileError(path, f"cannot be read ({err.strerror or err})") from err
+    except UnicodeDecodeError as err:
+        raise ResultsFileError(path, "not UTF-8 text") from err
+    if not text.strip():
+        raise ResultsFileError(path, "empty file")
+    try:
+        results = json.loads(text)
+    except json.JSONDecodeError as err:
+        reason = f"not valid JSON (truncated or corrupt): {err.msg}: line {err.lineno} column {err.colno}"
+        raise ResultsFileError(path, reason) from err
+    if not isinstance(results, dict):
+        raise ResultsFileError(path, f"a JSON {json_kind(results)}, not an object")
+    return results
+
+
 def load_results(run_dir: str | Path) -> dict[str, Any]:
-    """The ``results.json`` of ``run_dir``; ``FileNotFoundError`` when the run has none."""
+    """The ``results.json`` of ``run_dir``; ``FileNotFoundError`` when the run has none,
+    :class:`ResultsFileError` (a one-line :class:`~rdd_lightning.errors.ConfigError`) when it is not a readable
+    JSON object."""
     path = Path(run_dir) / "results.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {run_dir} a finished run directory?")
-    return json.loads(path.read_text())
+    return parse_results(path)
+
+
+def lookup(results: dict[str, Any], dotted: str) -> Any:
+    """``results["a"]["b"]`` for ``"a.b"``; ``None`` where a level is missing or not an object."""
+    value: Any = results
+    for part in dotted.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+def type_problem(results: dict[str, Any]) -> str | None:
+    """The first value the report reads that has the wrong type (``"best_val_miou is "high", not a number"``),
+    or ``None``."""
+    expected = (
+        [(key, "a list", list) for key in ("overrides", "paper.results")]
+        + [(key, "an object", dict) for key in OBJECT_KEYS]
+        + [(key, "a string", str) for key in STRING_KEYS]
+        + [(key, "a number", (int, float)) for key in NUMBER_KEYS]
+    )
+    for key, name, kind in expected:
+        value = lookup(results, key)
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+            return f"{key} is {json.dumps(value)[:40]}, not {name}"
+    return None
+
+
+def results_problem(results: dict[str, Any]) -> str | None:
+    """Why the report cannot use a run's results object: the keys a training run must have
+    (:data:`REQUIRED_KEYS`) that it lacks, else :func:`type_problem`; ``None`` when it can."""
+    missing = [] if "mIoU" in results else [k for k in REQUIRED_KEYS if k not in results]
+    if missing:
+        return f"missing key{'s' if len(missing) > 1 else ''} " + ", ".join(map(repr, missing))
+    return type_problem(results)
+
+
+def read_job_results(job_dir: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """``(results, None)`` for a usable ``results.json``, else ``(None, reason)``; never raises."""
+    try:
+        results = load_results(job_dir)
+    except ResultsFileError as err:
+        return None, err.reason
+    problem = results_problem(results)
+    return (None, problem) if problem else (results, None)
 
 
 def teacher_results(results: dict[str, Any]) -> dict[str, Any] | None:
-    """The results of the run that produced ``results``' teacher checkpoint, when they can be found."""
+    """The results of the run that produced ``results``' teacher checkpoint, when they can be found (and
+    used: an unreadable one counts as not found)."""
     ckpt = results.get("teacher_checkpoint")
     return _teacher_results_of(str(ckpt)) if ckpt else None
 
@@ -76,7 +187,11 @@ def _teacher_results_of(ckpt: str) -> dict[str, Any] | None:
     path = Path(ckpt)
     for run_dir in (path.parent / "run", path.parent.parent):  # auto-teacher cache, or <run>/checkpoints/
         if (run_dir / "results.json").is_file():
-            return load_results(run_dir)
+            try:
+                results = load_results(run_dir)
+            except ResultsFileError:
+                return None
+            return None if type_problem(results) else results
     return None
 
 
@@ -91,11 +206,13 @@ def latest_run(folder: str | Path) -> Path:
 # ------------------------------------------------------------------------------------------ finding jobs
 @dataclass
 class Job:
-    """One run directory: finished (``results`` read from its ``results.json``) or not (``results`` None)."""
+    """One run directory: finished (``results`` read from its ``results.json``) or not (``results`` None;
+    ``problem`` says why when it has a ``results.json`` that cannot be used, or an unreadable overrides file)."""
 
     path: Path
     overrides: list[str]
     results: dict[str, Any] | None
+    problem: str | None = None
 
     @property
     def is_evaluation(self) -> bool:
@@ -154,16 +271,33 @@ def read_overrides(job_dir: Path, results: dict[str, Any] | None) -> list[str]:
     return [str(o) for o in yaml.safe_load(path.read_text()) or []]
 
 
+def read_job(job_dir: Path) -> Job:
+    """The job in ``job_dir``; a bad ``results.json`` or ``.hydra/overrides.yaml`` makes it an unfinished job
+    with a ``problem`` instead of an error."""
+    import yaml
+
+    results, problem = None, None
+    if (job_dir / "results.json").is_file():
+        results, reason = read_job_results(job_dir)
+        problem = f"bad results.json ({reason}): move it aside" if reason else None
+    try:
+        overrides = read_overrides(job_dir, results)
+    except (OSError, ValueError, TypeError, yaml.YAMLError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        overrides, problem = [], problem or f"bad .hydra/overrides.yaml ({reason}): overrides unknown"
+    return Job(job_dir, overrides, results, problem)
+
+
 def discover_jobs(paths: list[str | Path]) -> list[Job]:
-    """Every job directory under ``paths`` (directories or globs), each once, in path order."""
+    """Every job directory under ``paths`` (directories or globs), each once, in path order. A job whose
+    ``results.json`` cannot be used is listed as unfinished with its ``problem``; it never stops the others."""
     jobs, seen = [], set()
     for root in expand_paths([str(p) for p in paths]):
         for job_dir in job_dirs_under(root):
             if job_dir.resolve() in seen:
                 continue
             seen.add(job_dir.resolve())
-            results = load_results(job_dir) if (job_dir / "results.json").is_file() else None
-            jobs.append(Job(job_dir, read_overrides(job_dir, results), results))
+            jobs.append(read_job(job_dir))
     return jobs
 
 
@@ -171,6 +305,45 @@ def discover_jobs(paths: list[str | Path]) -> list[Job]:
 def override_key(override: str) -> str:
     """``"++trainer.max_steps=2"`` -> ``"trainer.max_steps"``."""
     return override.lstrip("+~").split("=", 1)[0]
+
+
+def normal_number(text: str) -> str | None:
+    """A finite number written in one way (``"0.70"``, ``"7e-1"`` -> ``"0.7"``; ``"1.0"``, ``"+1"`` -> ``"1"``),
+    ``None`` when ``text`` is not a number."""
+    try:
+        return str(int(text))
+    except ValueError:
+        pass
+    try:
+        number = float(text)
+    except ValueError:
+        return None
+    if not math.isfinite(number):
+        return None
+    return str(int(number)) if number.is_integer() and abs(number) < 1e15 else repr(number)
+
+
+def normal_value(value: Any) -> str:
+    """An override's value (as written, or as a config holds it) in one spelling: numbers by value
+    (:func:`normal_number`), ``true``/``false``/``null`` in lower case, any other value as written."""
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    text = str(value).strip()
+    if text.lower() in ("true", "false", "null"):
+        return text.lower()
+    number = normal_number(text)
+    return text if number is None else number
+
+
+def normal_override(override: str) -> str:
+    """``key=value`` in one spelling: ``+``/``++`` dropped, the value by :func:`normal_value`
+    (``"++distillation.tse.threshold=0.70"`` -> ``"distillation.tse.threshold=0.7"``); a deletion (``~key``)
+    as written."""
+    override = override.strip()
+    if override.startswith("~") or "=" not in override:
+        return override
+    key, value = override.split("=", 1)
+    return f"{key.lstrip('+').strip()}={normal_value(value)}"
 
 
 def override_items(overrides: list[str]) -> dict[str, str]:
@@ -190,9 +363,16 @@ def changes_experiment(override: str) -> bool:
     return True
 
 
+def sorted_overrides(overrides: set[str] | list[str]) -> tuple[str, ...]:
+    """``overrides`` sorted by key (then value): the one order of a set of overrides."""
+    return tuple(sorted(overrides, key=lambda o: (override_key(o), o)))
+
+
 def group_key(overrides: list[str]) -> tuple[str, ...]:
-    """The overrides that define the experiment (all but seed and :data:`NOT_EXPERIMENT`), in given order."""
-    return tuple(o for o in overrides if changes_experiment(o))
+    """The overrides that define the experiment (all but seed and :data:`NOT_EXPERIMENT`) as
+    :func:`normal_override` writes them, sorted by key: equal for the same setting whatever the order or
+    spelling of the command line."""
+    return sorted_overrides({normal_override(o) for o in overrides if changes_experiment(o)})
 
 
 @dataclass
@@ -250,14 +430,21 @@ def run_teacher_miou(results: dict[str, Any]) -> float | None:
 
 def paper_entry(paper: dict[str, Any] | None, overrides: tuple[str, ...]) -> dict[str, Any] | None:
     """The entry of ``paper["results"]`` whose every non-``miou`` ``key: value`` is among ``overrides``
-    (compared as strings); the most specific one when several match."""
+    (values compared by :func:`normal_value`, so ``0.70`` in the config matches ``0.7`` on the command line);
+    the most specific one when several match. Entries that are not objects with a numeric ``miou`` are
+    skipped."""
     if not paper:
         return None
-    given = override_items(list(overrides))
-    matches = [
+    given = override_items([normal_override(o) for o in overrides])
+    entries = [
         entry
         for entry in paper.get("results") or []
-        if all(k in given and given[k] == str(v) for k, v in entry.items() if k != "miou")
+        if isinstance(entry, dict) and type(entry.get("miou")) in (int, float)
+    ]
+    matches = [
+        entry
+        for entry in entries
+        if all(k in given and given[k] == normal_value(v) for k, v in entry.items() if k != "miou")
     ]
     return max(matches, key=len) if matches else None
 
@@ -342,24 +529,30 @@ def summarise_evaluation(job: Job) -> dict[str, Any]:
 
 
 def last_error_line(job_dir: Path) -> str | None:
-    """The last line of the job's logs that mentions an error, if any."""
+    """The last line of the job's logs that mentions an error, if any (an unreadable log is skipped)."""
     found = None
     for log_file in sorted(job_dir.glob("*.log")):
-        for line in log_file.read_text(errors="replace").splitlines():
+        try:
+            text = log_file.read_text(errors="replace")
+        except OSError:
+            continue
+        for line in text.splitlines():
             if re.search(r"error|exception|traceback", line, re.IGNORECASE):
                 found = line.strip()
     return found
 
 
 def summarise_incomplete(job: Job, label: str) -> dict[str, Any]:
-    """A job without ``results.json``: its overrides and what can be resumed."""
+    """A job without a usable ``results.json``: its overrides, what is wrong with its files (``problem``) and
+    what can be resumed."""
     last = job.path / "checkpoints" / "last.ckpt"
     state = "last.ckpt present: resume with ckpt_path=last" if last.is_file() else "no checkpoint"
     return {
         "job": str(job.path),
         "group": label,
         "overrides": job.overrides,
-        "state": state,
+        "state": f"{job.problem}; {state}" if job.problem else state,
+        "problem": job.problem,
         "error": last_error_line(job.path),
     }
 
@@ -393,7 +586,7 @@ class Report:
 
 def job_key(job: Job) -> tuple[str, ...]:
     """A single job's :func:`group_key` plus its seed (what names it among the jobs of its group)."""
-    seeds = [o for o in job.overrides if override_key(o) == "seed"]
+    seeds = [normal_override(o) for o in job.overrides if override_key(o) == "seed"]
     return group_key(job.overrides) + tuple(seeds)
 
 
@@ -464,12 +657,19 @@ def cells(columns: list, items: list[dict[str, Any]]) -> tuple[list[str], list[l
     return [columns[i][0] for i in keep], [[r[i] for i in keep] for r in rows]
 
 
+def incomplete_title(report: Report) -> str:
+    """The title of the unfinished jobs' table; it names bad ``results.json`` files only when there are some."""
+    if any(j.get("problem") for j in report.incomplete):
+        return "incomplete or failed jobs (no usable results.json)"
+    return "incomplete or failed jobs (no results.json)"
+
+
 def sections(report: Report) -> list[tuple[str, list, list[dict[str, Any]]]]:
     """(title, columns, items) of each non-empty table."""
     found = [
         (report.title, GROUP_COLUMNS, report.groups),
         ("evaluations", EVALUATION_COLUMNS, report.evaluations),
-        ("incomplete or failed jobs (no results.json)", INCOMPLETE_COLUMNS, report.incomplete),
+        (incomplete_title(report), INCOMPLETE_COLUMNS, report.incomplete),
     ]
     return [s for s in found if s[2]]
 
@@ -691,7 +891,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Exit status 0, or 2 with one ``error:`` line when nothing is found."""
+    """Exit status 0 (a job with a bad ``results.json`` is listed, with a ``note:`` line on stderr), or 2 with
+    one ``error:`` line when nothing is found."""
     args = parse_args(argv)
     try:
         paths = list(args.paths) + ([latest_run(args.latest)] if args.latest else [])
@@ -709,6 +910,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         render = {"markdown": render_markdown, "csv": render_csv, "json": render_json}[args.format]
         print(render(report).rstrip("\n"))
+    bad = sum(1 for j in report.incomplete if j["problem"])
+    if bad:
+        print(
+            f"note: {bad} job(s) with a bad file, listed with the incomplete or failed jobs", file=sys.stderr
+        )
     if args.plot:
         if report.groups:
             plot_groups(report.groups).savefig(args.plot, dpi=120)
