@@ -7,14 +7,18 @@ Shared by the entry points (``train``, ``evaluate``); each builder fails with a 
 from __future__ import annotations
 
 import logging
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
+from lightning.fabric.utilities.device_parser import _select_auto_accelerator
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.accelerators import CUDAAccelerator
+from lightning.pytorch.accelerators import Accelerator, CUDAAccelerator, MPSAccelerator
 from lightning.pytorch.callbacks import DeviceStatsMonitor, LearningRateMonitor, ProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
@@ -25,7 +29,8 @@ from rdd_lightning.distillation import DistillationObjective
 from rdd_lightning.errors import ConfigError, find_cause, find_config_error
 from rdd_lightning.models import SegmentationNet, to_sync_batchnorm
 from rdd_lightning.module import DistillationModule
-from rdd_lightning.resume import AtomicCheckpointIO, StepSeed
+from rdd_lightning.option_checks import check_optimization, check_precision, named_key
+from rdd_lightning.resume import AtomicCheckpointIO, StepSeed, slurm_environment
 from rdd_lightning.teacher import (
     auto_teacher_checkpoint,
     check_normalization,
@@ -89,18 +94,138 @@ def stage_switch_callback(objective: DistillationObjective) -> list[L.Callback]:
     return [RDDStageSwitch(**objective.switch, blend=objective.blend)]
 
 
+def runs_on_cuda(accelerator: Any) -> bool:
+    """Whether Lightning's ``accelerator`` choice (``auto``, ``gpu``, ``cuda``, ``cpu``, ... or an instance)
+    puts the run on CUDA on this machine, decided as Lightning decides it."""
+    if isinstance(accelerator, Accelerator):
+        return isinstance(accelerator, CUDAAccelerator)
+    name = str(accelerator or "auto").lower()
+    if name == "auto":
+        name = _select_auto_accelerator()
+    elif name == "gpu":
+        name = "mps" if MPSAccelerator.is_available() else "cuda"
+    return name == "cuda"
+
+
+def deterministic_setting(deterministic: Any, on_cuda: bool) -> Any:
+    """Lightning's ``deterministic`` for ``trainer.deterministic``: on CUDA ``true`` becomes ``"warn"``
+    (``torch.use_deterministic_algorithms(True, warn_only=True)``), because CUDA has no deterministic backward
+    of bilinear upsampling or adaptive average pooling and ``true`` would fail at the first backward; on the
+    CPU ``true`` stays (bit-exact). Any other value is passed on as it is."""
+    if deterministic is True and on_cuda:
+        return "warn"
+    return deterministic
+
+
+def trainer_options(cfg: DictConfig) -> dict[str, Any]:
+    """``cfg.trainer`` as the Trainer's arguments: checked (``use_distributed_sampler``, ``precision``),
+    ``sync_batchnorm`` left to :func:`apply_sync_batchnorm`, ``deterministic`` as :func:`deterministic_setting`
+    makes it for the device the run will use."""
+    options = OmegaConf.to_container(cfg.trainer, resolve=True)
+    options.pop("sync_batchnorm", None)
+    if options.get("use_distributed_sampler"):
+        raise ConfigError(
+            "trainer.use_distributed_sampler=true: the datamodule shards data itself (exact resume, every "
+            "validation image once); leave it false"
+        )
+    check_precision(options.get("precision"))
+    if "deterministic" in options:
+        on_cuda = runs_on_cuda(options.get("accelerator", "auto"))
+        options["deterministic"] = deterministic_setting(options["deterministic"], on_cuda)
+    return options
+
+
+def trainer_error(err: BaseException, options: dict[str, Any]) -> ConfigError | None:
+    """The one-line :class:`ConfigError` of what Lightning raised while constructing the Trainer from
+    ``options`` (wrapped by Hydra), naming the ``trainer.*`` key its message names; ``None`` if ``err`` is not
+    about the options (or already holds a ConfigError). A ValueError or TypeError counts only when its message
+    names a key (``strategy``, an unexpected keyword argument): other ones may be bugs, and keep their
+    traceback."""
+    misconfiguration = find_cause(err, MisconfigurationException)
+    cause = misconfiguration or find_cause(err, ValueError) or find_cause(err, TypeError)
+    if cause is None or find_config_error(err) is not None:
+        return None
+    first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    if any(word in first.lower() for word in ("accelerator", "device", "gpu", "cuda")):
+        return ConfigError(
+            f"trainer.accelerator={options.get('accelerator')!r} trainer.devices={options.get('devices')!r}"
+            f" trainer.num_nodes={options.get('num_nodes', 1)}: {first} Ask for the devices this machine "
+            f"has (trainer.accelerator=cpu to run without GPUs)."
+        )
+    key = named_key(first, [k for k in options if not k.startswith("_")])
+    if key is None:
+        return ConfigError(f"trainer: {first}") if misconfiguration is not None else None
+    first = first.rstrip(".")
+    if "unexpected keyword argument" in first:
+        return ConfigError(
+            f"trainer.{key}={options[key]!r}: not an argument of Lightning's Trainer; remove it or check its "
+            f"spelling"
+        )
+    return ConfigError(
+        f"trainer.{key}={options[key]!r}: {first}; set trainer.{key} to a value Lightning accepts"
+    )
+
+
+def construct_trainer(options: dict[str, Any], callbacks: list[L.Callback], loggers: list[Any]) -> L.Trainer:
+    """The Trainer of ``options`` with this package's checkpoint writer (atomic); options Lightning refuses
+    fail as one-line :class:`ConfigError` (:func:`trainer_error`)."""
+    try:
+        return instantiate(
+            options,
+            callbacks=callbacks,
+            logger=loggers or False,
+            plugins=[AtomicCheckpointIO(), *slurm_environment()],
+        )
+    except Exception as err:
+        config_error = trainer_error(err, options)
+        if config_error is None:
+            raise
+        raise config_error from err
+
+
+@contextmanager
+def quiet_lightning() -> Iterator[None]:
+    """Lightning's info lines and warnings held back (a Trainer constructed only to check options)."""
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    levels = [lg.level for lg in loggers]
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.WARNING)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def check_trainer(cfg: DictConfig) -> None:
+    """Lightning's own checks of every ``trainer.*`` option before any data or network is built: a Trainer is
+    constructed from the options alone (no callbacks, loggers or model) and dropped."""
+    with quiet_lightning():
+        construct_trainer(trainer_options(cfg), callbacks=[], loggers=[])
+
+
+def check_options(cfg: DictConfig) -> None:
+    """Every optimizer, LR-schedule and trainer option of a training config, checked before anything is built
+    (:mod:`rdd_lightning.option_checks`, :func:`check_trainer`)."""
+    check_optimization(cfg)
+    check_trainer(cfg)
+
+
 def build_trainer(
     cfg: DictConfig, extra_callbacks: list[L.Callback] = (), *, with_loggers: bool = True
 ) -> L.Trainer:
     """The Trainer of ``cfg.trainer`` with the configured callbacks and loggers, this package's checkpoint
     writer (atomic) and per-step seeding. ``trainer.sync_batchnorm`` is left to :func:`apply_sync_batchnorm`
-    (the student only); an impossible device request fails as a :class:`ConfigError`."""
-    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
-    trainer_cfg.pop("sync_batchnorm", None)
-    if trainer_cfg.get("use_distributed_sampler"):
-        raise ConfigError(
-            "trainer.use_distributed_sampler=true: the datamodule shards data itself (exact resume, every "
-            "validation image once); leave it false"
+    (the student only); ``trainer.deterministic=true`` on CUDA warns where CUDA has no deterministic kernel
+    (:func:`deterministic_setting`); an option Lightning refuses fails as a :class:`ConfigError`."""
+    options = trainer_options(cfg)
+    if options.get("deterministic") == "warn" and cfg.trainer.get("deterministic") is True:
+        log.info(
+            "trainer.deterministic=true on CUDA: deterministic algorithms where CUDA has them, a warning where it "
+            "has none (the backward of bilinear upsampling and adaptive average pooling): the same data order "
+            "and random numbers, not bit-exact kernels"
         )
     loggers = instantiate_list(cfg.get("logger")) if with_loggers else []
     callbacks = instantiate_list(cfg.get("callbacks")) + list(extra_callbacks)
@@ -109,28 +234,13 @@ def build_trainer(
         if dropped:
             log.info("no logger: callbacks %s are dropped", dropped)
         callbacks = [c for c in callbacks if not isinstance(c, LOGGER_CALLBACKS)]
-    if trainer_cfg.get("enable_progress_bar") is False:  # instead of Lightning's error about the callback
+    if options.get("enable_progress_bar") is False:  # instead of Lightning's error about the callback
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     callbacks.append(StepSeed(int(cfg.get("seed", 0))))
     batch_size = OmegaConf.select(cfg, "dataset.batch_size")
     if batch_size is not None:  # results.json's "compute" (training runs)
         callbacks.append(ComputeMonitor(int(batch_size)))
-    try:
-        return instantiate(
-            trainer_cfg, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
-        )
-    except Exception as err:  # Lightning's device checks, wrapped by Hydra
-        cause = find_cause(err, MisconfigurationException)
-        if cause is None or find_config_error(err) is not None:
-            raise
-        first = str(cause).strip().splitlines()[0]
-        if not any(word in first.lower() for word in ("accelerator", "device", "gpu", "cuda")):
-            raise ConfigError(f"trainer: {first}") from err
-        raise ConfigError(
-            f"trainer.accelerator={trainer_cfg.get('accelerator')!r} trainer.devices={trainer_cfg.get('devices')!r}"
-            f" trainer.num_nodes={trainer_cfg.get('num_nodes', 1)}: {first} Ask for the devices this machine "
-            f"has (trainer.accelerator=cpu to run without GPUs)."
-        ) from err
+    return construct_trainer(options, callbacks, loggers)
 
 
 def apply_sync_batchnorm(cfg: DictConfig, trainer: L.Trainer, student: SegmentationNet) -> SegmentationNet:

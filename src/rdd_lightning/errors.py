@@ -32,8 +32,9 @@ def find_config_error(err: BaseException | None) -> ConfigError | None:
 
 def exit_on_config_error(fn: Callable[[], T], log: logging.Logger) -> T:
     """``fn()``; a :class:`ConfigError` behind any exception it raises is logged, printed to stderr as one
-    ``error: ...`` line (no traceback) and ends the process with exit status 2. Other errors are logged as
-    one line (so a failed job's log says why; the traceback follows from Hydra) and propagate."""
+    ``error: ...`` line (no traceback) and ends the process with exit status 2 (in a job of a sweep, it
+    fails that job only). Other errors are logged as one line (so a failed job's log says why; the
+    traceback follows from Hydra) and propagate."""
     try:
         return fn()
     except Exception as err:
@@ -45,4 +46,14 @@ def exit_on_config_error(fn: Callable[[], T], log: logging.Logger) -> T:
             raise
         log.error("%s", config_error)
         print(f"error: {config_error}", file=sys.stderr)
+        if in_sweep():  # this job fails, the sweep goes on (its exit status says a job failed)
+            raise config_error from None
         sys.exit(2)
+
+
+def in_sweep() -> bool:
+    """True inside a job of a Hydra multirun."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN

@@ -8,6 +8,7 @@ srun) and SLURM sweeps (``hydra/launcher=submitit_slurm``) all go through :func:
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
@@ -27,7 +28,7 @@ from rdd_lightning.callbacks import ComputeMonitor
 from rdd_lightning.errors import exit_on_config_error
 from rdd_lightning.launch import ddp_job, track_children
 from rdd_lightning.module import DistillationModule
-from rdd_lightning.resume import Preempted, resolve_ckpt_path, write_json
+from rdd_lightning.resume import Preempted, RunFinished, resolve_ckpt_path, write_json
 
 log = logging.getLogger("rdd_lightning.train")
 
@@ -122,6 +123,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     output_dir = Path(cfg.paths.output_dir)
     ckpt_path = resolve_ckpt_path(output_dir, cfg.ckpt_path)  # before anything in the directory changes
     builders.print_config(cfg)
+    builders.check_options(cfg)  # optimizer, schedule, trainer: before any data or network is built
     L.seed_everything(cfg.seed, workers=True)
 
     datamodule = builders.build_datamodule(cfg)
@@ -169,8 +171,12 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
     try:
         with ddp_job("rdd_lightning.train", cfg.paths.output_dir), wandb_job.wandb_job():
             return run(cfg)
-    except Preempted as stop:
+    except RunFinished as done:  # a requeued SLURM job's sweep: this job finished in an earlier segment
+        log.info("%s", done)
+        return json.loads((done.output_dir / "results.json").read_text())
+    except Preempted as stop:  # the checkpoint is saved and the W&B run finished: requeue last
         log.warning("%s; resume with ckpt_path=last in the same run directory", stop)
+        stop.requeue()
         sys.exit(128 + stop.signum)
 
 
