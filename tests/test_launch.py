@@ -3,6 +3,7 @@ all ranks of a job agree on the run directory."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -98,6 +99,38 @@ def test_run_stamp_is_shared_by_the_ranks_of_a_job(monkeypatch):
     monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "100")
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
     assert resolvers.run_stamp() == "slurm-100_3.0"
+
+
+def test_slurm_run_directories_go_back_to_their_training_after_a_requeue(tmp_path):
+    """The k-th training started in a segment of job 77 gets the k-th directory; the ranks of one launch
+    (same claimant) share it; a requeue (restart count + 1) hands the directories out again in order."""
+    claim = resolvers.claim_slurm_run_dir
+    assert claim(tmp_path, "77", 0, "pid-10") == "slurm-77"
+    assert claim(tmp_path, "77", 0, "pid-10") == "slurm-77"  # resolved again, or by another rank
+    assert claim(tmp_path, "77", 0, "pid-11") == "slurm-77-2"  # the next training of the script
+    assert claim(tmp_path, "77", 0, "pid-12") == "slurm-77-3"
+    # requeued: the script starts its trainings again, in the same order
+    assert claim(tmp_path, "77", 1, "pid-20") == "slurm-77"
+    assert claim(tmp_path, "77", 1, "torchrun-a") == "slurm-77-2"
+    assert claim(tmp_path, "77", 1, "torchrun-a") == "slurm-77-2"  # its other ranks
+    assert claim(tmp_path, "77", 1, "pid-22") == "slurm-77-3"
+    assert claim(tmp_path, "77", 1, "pid-23") == "slurm-77-4"
+    assert claim(tmp_path, "78", 1, "pid-24") == "slurm-78"  # another job
+    assert json.loads((tmp_path / "slurm-77-2" / ".slurm_claim.json").read_text()) == {
+        "restart": 1,
+        "claimant": "torchrun-a",
+    }
+
+
+def test_run_stamp_of_a_single_task_slurm_job_is_its_claimed_directory(monkeypatch, tmp_path):
+    for key in ("RDD_RUN_STAMP", "SLURM_STEP_ID", "SLURM_ARRAY_JOB_ID", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # what a requeued one-task sbatch job has
+    assert resolvers.run_stamp("%Y", str(tmp_path)) == "slurm-4242"
+    assert json.loads((tmp_path / "slurm-4242" / ".slurm_claim.json").read_text())["restart"] == 1
+    assert resolvers.run_stamp("%Y") == time.strftime("%Y")  # without the folder: the time, as before
 
 
 @pytest.mark.skipif(not __import__("os").path.exists("/proc/self/stat"), reason="Linux /proc only")

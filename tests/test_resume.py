@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rdd_lightning.errors import ConfigError
-from rdd_lightning.resume import AtomicCheckpointIO, atomic_write_text, resolve_ckpt_path
+from rdd_lightning.resume import AtomicCheckpointIO, RunFinished, atomic_write_text, resolve_ckpt_path
 
 
 def test_a_save_killed_midway_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -60,6 +60,9 @@ def test_run_directory_rules(tmp_path, monkeypatch):
     assert resolve_ckpt_path(run, None) == own_last
 
     (run / "results.json").write_text("{}")
+    with pytest.raises(RunFinished, match="holds the run this job finished before it was requeued"):
+        resolve_ckpt_path(run, None)  # the requeued job's own finished run: nothing to do
+    monkeypatch.delenv("SLURM_RESTART_COUNT")
     with pytest.raises(ConfigError, match="holds a finished run"):
         resolve_ckpt_path(run, "last")
     with pytest.raises(ConfigError, match="file not found"):

@@ -166,6 +166,98 @@ def test_multirun_of_ddp_jobs_gives_one_run_and_one_wandb_run_per_job(tmp_path):
     assert wandb_runs == ["0", "1"]  # each job its own W&B run, not job 2 logging into job 1's
 
 
+def test_a_failing_rank_fails_its_job_and_the_sweep_goes_on(tmp_path, repo_root):
+    """Job 2 of 3 DDP jobs raises on rank 1 only (an out-of-memory error on one GPU): Lightning's own observer
+    would SIGKILL the sweep's process; here job 2 is recorded as failed (its log line, the report) and jobs 1
+    and 3 run to their results; the sweep's exit status says a job failed."""
+    sweep = tmp_path / "sweep"
+    env = {**cli_env(tmp_path), "PYTHONPATH": str(repo_root)}  # tests.faults for every rank
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rdd_lightning.train",
+            "-m",
+            *CLI_TINY,
+            *DDP2,
+            "distillation=none",
+            "trainer.max_steps=2",
+            "trainer.val_check_interval=2",
+            "seed=1,2,3",
+            "+callbacks.fault._target_=tests.faults.RankFault",
+            "+callbacks.fault.rank=1",
+            "+callbacks.fault.fail_seed=2",
+            "+callbacks.fault.seed=${seed}",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]  # Hydra's status for a sweep with a failed job
+    assert sorted(p.parent.name for p in sweep.glob("*/results.json")) == ["0", "2"], proc.stderr[-3000:]
+    assert [json.loads((sweep / j / "results.json").read_text())["seed"] for j in ("0", "2")] == [1, 3]
+    main_log = (sweep / "1" / "train.log").read_text()
+    assert "failed: RankFailed: rank 1 exited with status 1" in main_log, main_log[-2000:]
+    assert "injected fault on rank 1" in (sweep / "1" / "train_rank1.log").read_text()
+
+    report = subprocess.run(
+        [sys.executable, "-m", "rdd_lightning.report", str(sweep), "--format", "json"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert report.returncode == 0, report.stderr[-2000:]
+    listed = json.loads(report.stdout)["incomplete"]
+    assert [Path(j["job"]).name for j in listed] == ["1"]
+    assert "injected fault on rank 1" in listed[0]["error"]
+
+
+def test_preempted_ddp_job_saves_finishes_w_and_b_and_exits_with_the_signal(tmp_path):
+    """SIGTERM to a 2-process DDP job started by Lightning: both ranks save the step together and exit with
+    128 + SIGTERM; the rank's pre-emption status is no failure (Lightning's observer would SIGKILL the main
+    process for it, before W&B finished)."""
+    run_dir = tmp_path / "ddp"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "rdd_lightning.train",
+            *CLI_TINY,
+            *DDP2,
+            "distillation=none",
+            "trainer.max_steps=400",
+            "trainer.val_check_interval=2",
+            "logger=wandb",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=tmp_path,
+        env=cli_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.time() + 300
+        while not (run_dir / "checkpoints" / "last.ckpt").exists() and time.time() < deadline:
+            assert proc.poll() is None, proc.communicate()[0][-3000:]
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, output[-3000:]
+    main_log, rank1_log = (run_dir / "train.log").read_text(), (run_dir / "train_rank1.log").read_text()
+    assert "stopped by signal SIGTERM" in main_log and "stopped by signal SIGTERM" in rank1_log
+    assert "RankFailed" not in main_log and not (run_dir / "results.json").exists()
+    assert len(list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))) == 1
+
+
 def test_submitit_local_sweep_of_ddp_jobs(tmp_path):
     """hydra-submitit-launcher's local executor runs each job in a worker whose argv is submitit's, not ours:
     the job's DDP ranks must still be started with the job's own command."""
@@ -334,9 +426,13 @@ def test_killed_and_resumed_run_ends_with_the_uninterrupted_weights(tmp_path, tr
     assert resumed["final_val_miou"] == pytest.approx(whole["final_val_miou"], abs=1e-6)
 
 
-def test_slurm_warning_signal_saves_requeues_and_the_requeued_job_resumes_itself(tmp_path, train_cfg):
-    """A plain sbatch job (no submitit): USR1 before the time limit -> save the step, `scontrol requeue <job>`,
-    exit; the requeued job (SLURM_RESTART_COUNT=1) runs the same command in the same directory and resumes."""
+def test_requeued_single_task_sbatch_job_resumes_in_its_own_directory_and_w_and_b_run(tmp_path, train_cfg):
+    """A plain one-task sbatch job (no srun, no submitit, no hydra.run.dir) with the variables SLURM sets:
+    USR1 before the time limit -> save the step, finish the W&B run, `scontrol requeue <job>` (which kills
+    the job, as SLURM does); the requeued job (SLURM_RESTART_COUNT=1) runs the same command, gets the same
+    run directory (derived from the job id, not the time) and the same W&B run id, and resumes. Lightning's
+    own SLURM handler writes no hpc_ckpt; a second training of the segment gets a directory of its own; the
+    finished run started again by a later requeue is left as it is."""
     teacher = Path(
         run(
             train_cfg(
@@ -349,12 +445,27 @@ def test_slurm_warning_signal_saves_requeues_and_the_requeued_job_resumes_itself
     )
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol.log"}\n')
+    (bin_dir / "scontrol").write_text(
+        f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol.log"}\nkill -TERM $PPID\n'
+    )
     (bin_dir / "scontrol").chmod(0o755)
     env = cli_env(tmp_path)
-    env.update({"PATH": f"{bin_dir}:{env['PATH']}", "SLURM_JOB_ID": "4242"})
-    run_dir = tmp_path / "job"
-    command = [sys.executable, "-m", "rdd_lightning.train", *_train_args(run_dir, teacher)]
+    env.update(
+        {
+            "PATH": f"{bin_dir}:{env['PATH']}",
+            "SLURM_JOB_ID": "4242",
+            "SLURM_JOB_NAME": "train.sh",
+            "SLURM_NTASKS": "1",
+            "SLURM_NNODES": "1",
+            "SLURM_NODEID": "0",
+            "SLURM_PROCID": "0",
+            "SLURM_LOCALID": "0",
+            "SLURM_JOB_NODELIST": "localhost",
+        }
+    )
+    args = [a for a in _train_args(tmp_path / "unused", teacher) if not a.startswith("hydra.run.dir")]
+    command = [sys.executable, "-m", "rdd_lightning.train", *args, "logger=wandb"]
+    run_dir = tmp_path / "logs" / "train" / "runs" / "slurm-4242"
     proc = subprocess.Popen(
         command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
@@ -362,11 +473,12 @@ def test_slurm_warning_signal_saves_requeues_and_the_requeued_job_resumes_itself
         time.sleep(0.05)
     proc.send_signal(signal.SIGUSR1)
     output, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 128 + signal.SIGUSR1, output[-3000:]
+    assert proc.returncode == -signal.SIGTERM, output[-3000:]  # killed by the requeue, after saving
     assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
     step = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)[
         "global_step"
     ]
+    assert not list(tmp_path.rglob("hpc_ckpt_*.ckpt"))
 
     requeued = subprocess.run(
         command,
@@ -377,9 +489,46 @@ def test_slurm_warning_signal_saves_requeues_and_the_requeued_job_resumes_itself
         timeout=400,
     )
     assert requeued.returncode == 0, requeued.stderr[-3000:]
+    assert [p.name for p in run_dir.parent.glob("slurm-*")] == ["slurm-4242"]
     results = json.loads((run_dir / "results.json").read_text())
     assert results["resumed_from"] == str((run_dir / "checkpoints" / "last.ckpt").resolve())
     assert results["global_step"] == 30 and 4 < step < 30
+    segments = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(segments) == 2 and len({p.name.rsplit("-", 1)[1] for p in segments}) == 1  # one run id
+
+    # a second training in the same segment: a directory of its own
+    other = [a for a in args if not a.startswith(("trainer.max_steps", "trainer.val_check"))]
+    other += ["trainer.max_steps=1", "trainer.val_check_interval=1", "seed=7"]
+    second = subprocess.run(
+        [sys.executable, "-m", "rdd_lightning.train", *other],
+        cwd=tmp_path,
+        env={**env, "SLURM_RESTART_COUNT": "1"},
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert json.loads((run_dir.parent / "slurm-4242-2" / "results.json").read_text())["seed"] == 7
+
+    # requeued once more, the script starts the finished training again: nothing to do, nothing changed
+    def files(folder: Path) -> dict[Path, int]:  # but the claim record, which the requeue renews
+        return {
+            p: p.stat().st_mtime_ns
+            for p in folder.rglob("*")
+            if p.is_file() and p.name != ".slurm_claim.json"
+        }
+
+    before = files(run_dir)
+    again = subprocess.run(
+        command,
+        cwd=tmp_path,
+        env={**env, "SLURM_RESTART_COUNT": "2"},
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert again.returncode == 0 and "nothing to do" in again.stderr, again.stderr[-3000:]
+    assert files(run_dir) == before
 
 
 def test_new_run_in_a_finished_run_directory_is_refused_before_anything_changes(tmp_path):
@@ -395,7 +544,15 @@ def test_new_run_in_a_finished_run_directory_is_refused_before_anything_changes(
             f"hydra.run.dir={run_dir}",
         )
     )
-    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+
+    def files(folder: Path) -> dict[Path, int]:  # but the claim record, which the requeue renews
+        return {
+            p: p.stat().st_mtime_ns
+            for p in folder.rglob("*")
+            if p.is_file() and p.name != ".slurm_claim.json"
+        }
+
+    before = files(run_dir)
     proc = cli(tmp_path, "train", *CLI_TINY, "distillation=none", "seed=7", f"hydra.run.dir={run_dir}")
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
@@ -404,20 +561,32 @@ def test_new_run_in_a_finished_run_directory_is_refused_before_anything_changes(
 
 
 def test_resume_into_a_new_directory_keeps_best_score_and_checkpoint(train_cfg):
-    first = run(train_cfg("distillation=none", "trainer.max_steps=4", "trainer.val_check_interval=2"))
+    """The resumed run's student is scrambled, so every later validation is worse than the first run's best:
+    the best score and best.ckpt must still be the first run's (Lightning alone would forget them when the
+    checkpoint's directory differs, and save the worse weights as best)."""
+    first = run(train_cfg("distillation=none", "trainer.max_steps=12", "trainer.val_check_interval=6"))
     resumed = run(
         train_cfg(
             "distillation=none",
-            "trainer.max_steps=6",
+            "trainer.max_steps=14",
             "trainer.val_check_interval=2",
             f"ckpt_path={first['last_checkpoint']}",
+            "+callbacks.scramble._target_=tests.faults.ScrambleStudent",
         )
     )
-    assert resumed["global_step"] == 6 and resumed["resumed_from"] == first["last_checkpoint"]
+    assert resumed["global_step"] == 14 and resumed["resumed_from"] == first["last_checkpoint"]
+    print(
+        f"first run's best {first['best_val_miou']:.2f}, scrambled and resumed {resumed['final_val_miou']:.2f}"
+    )
+    assert resumed["final_val_miou"] < first["best_val_miou"] - 1.0  # the premise: later is worse
     new_dir = Path(resumed["output_dir"])
-    assert Path(resumed["best_checkpoint"]).parent == new_dir / "checkpoints"
-    assert (new_dir / "checkpoints" / "best.ckpt").is_file()
-    assert resumed["best_val_miou"] >= first["best_val_miou"] - 1e-4  # the earlier best is remembered
+    assert resumed["best_checkpoint"] == str(new_dir / "checkpoints" / "best.ckpt")
+    assert resumed["best_val_miou"] == pytest.approx(first["best_val_miou"], abs=1e-4)
+    copied, original = (
+        student_weights(new_dir / "checkpoints" / "best.ckpt"),
+        student_weights(Path(first["best_checkpoint"])),
+    )
+    assert all(torch.equal(copied[k], original[k]) for k in original)
 
 
 def test_resume_with_another_teacher_is_refused(train_cfg):

@@ -85,3 +85,12 @@ def test_summary_holds_the_mious_and_the_compute_of_a_run():
         "compute/device": "cpu",
         "compute/train_images_per_s": 8.5,
     }
+
+
+def test_run_id_follows_the_run_directory(tmp_path):
+    a, b = tmp_path / "multiruns" / "x" / "0", tmp_path / "multiruns" / "x" / "1"
+    expected = __import__("hashlib").sha1(str(a.resolve()).encode()).hexdigest()[:16]
+    assert (
+        wandb_job.run_id(a) == expected == wandb_job.run_id(tmp_path / "multiruns" / "x" / ".." / "x" / "0")
+    )
+    assert wandb_job.run_id(b) != expected

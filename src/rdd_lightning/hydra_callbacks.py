@@ -11,7 +11,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from rdd_lightning.errors import ConfigError
-from rdd_lightning.resume import resolve_ckpt_path, run_state
+from rdd_lightning.resume import RunFinished, resolve_ckpt_path, run_state, slurm_restarted
 
 
 class RunDirGuard(Callback):
@@ -19,19 +19,27 @@ class RunDirGuard(Callback):
 
     The task function checks again (see :func:`rdd_lightning.resume.resolve_ckpt_path`); this hook only runs
     earlier. The DDP ranks a job starts itself (``hydra.output_subdir=null``) are not checked: their job was.
+    A requeued SLURM job's own directories are its to resume: a run it had finished ends the process with
+    status 0 (nothing to do), a sweep of it goes on (each job resumes or finds its run finished).
     """
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         if config.hydra.output_subdir is None:
             return
         HydraConfig.instance().set_config(config)  # for ${hydra:...} in the run dir; Hydra sets it next
-        self._check(lambda: resolve_ckpt_path(Path(str(config.hydra.run.dir)), config.get("ckpt_path")))
+        try:
+            self._check(lambda: resolve_ckpt_path(Path(str(config.hydra.run.dir)), config.get("ckpt_path")))
+        except RunFinished as done:
+            print(f"rdd_lightning: {done}", file=sys.stderr)
+            sys.exit(0)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         HydraConfig.instance().set_config(config)
         sweep_dir = Path(str(config.hydra.sweep.dir))
 
         def check() -> None:
+            if slurm_restarted():
+                return
             used = [p.name for p in sorted(sweep_dir.glob("*")) if p.is_dir() and run_state(p) != "new"]
             if used:
                 raise ConfigError(

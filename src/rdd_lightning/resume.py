@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -20,12 +21,14 @@ import shutil
 import signal
 import subprocess
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -87,11 +90,23 @@ def slurm_restarted() -> bool:
     return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
 
 
+class RunFinished(Exception):
+    """A requeued SLURM job found its run finished by an earlier segment of the job: nothing is left to do."""
+
+    def __init__(self, output_dir: Path):
+        super().__init__(
+            f"{str(output_dir)!r} holds the run this job finished before it was requeued "
+            f"(SLURM_RESTART_COUNT={os.environ.get('SLURM_RESTART_COUNT')}); nothing to do"
+        )
+        self.output_dir = output_dir
+
+
 def resolve_ckpt_path(output_dir: Path, ckpt_path: str | None) -> str | None:
     """The checkpoint a run in ``output_dir`` resumes from, or ``None`` to start fresh; refuses a directory
     that belongs to another run before anything in it changes.
 
-    * a finished run's directory (``results.json``) is never written again;
+    * a finished run's directory (``results.json``) is never written again; in a requeued SLURM job it is
+      this job's own finished run (:class:`RunFinished`: nothing to do);
     * an unfinished run's directory (checkpoints, no results) is resumed in place from its ``last.ckpt``
       when ``ckpt_path=last``, when ``ckpt_path`` is a file inside it, or in a requeued SLURM job;
     * ``ckpt_path=last`` in a new directory starts fresh (so sweeps that may be requeued pass it always);
@@ -102,6 +117,8 @@ def resolve_ckpt_path(output_dir: Path, ckpt_path: str | None) -> str | None:
     state = run_state(output_dir)
     own_last = output_dir / "checkpoints" / "last.ckpt"
     if state == "finished":
+        if slurm_restarted():
+            raise RunFinished(output_dir)
         raise ConfigError(
             f"run directory {str(output_dir)!r} holds a finished run (results.json); nothing in it is "
             f"overwritten: pass a new hydra.run.dir (to train on from it: ckpt_path={own_last} hydra.run.dir=<new>)"
@@ -194,11 +211,17 @@ class StepSeed(L.Callback):
 
 
 class Preempted(Exception):
-    """Raised (on every process) after :class:`PreemptionCheckpoint` saved the run: the job should stop."""
+    """Raised (on every process) after :class:`PreemptionCheckpoint` saved the run: the job should stop, and
+    call :meth:`requeue` once everything else (W&B, logs) is finished."""
 
-    def __init__(self, signum: int, checkpoint: str):
+    def __init__(self, signum: int, checkpoint: str, requeue: Callable[[], None] | None = None):
         super().__init__(f"stopped by signal {signal.Signals(signum).name}; saved {checkpoint}")
-        self.signum, self.checkpoint = signum, checkpoint
+        self.signum, self.checkpoint, self._requeue = signum, checkpoint, requeue
+
+    def requeue(self) -> None:
+        """Requeue the SLURM job if the signal asked for it (may end the process: submitit's handler does)."""
+        if self._requeue is not None:
+            self._requeue()
 
 
 class PreemptionCheckpoint(L.Callback):
@@ -207,10 +230,12 @@ class PreemptionCheckpoint(L.Callback):
     The signal only sets a flag (saving inside a signal handler could interrupt a collective). After every
     training batch the processes agree whether any of them was signalled (one all-reduce of a flag), save
     the current step together, and raise :class:`Preempted`. For a requeue signal (SLURM's ``--signal``) the
-    job is then requeued: by the handler that was installed before (submitit's,
-    under hydra-submitit-launcher), or by ``scontrol requeue`` from rank 0 in a plain SLURM job. The
-    requeued job runs the same command in the same directory and resumes from ``last.ckpt`` (see
-    :func:`resolve_ckpt_path`).
+    job is requeued by :meth:`Preempted.requeue`, which the entry point calls last, after the W&B run is
+    marked pre-empted and finished (a real requeue kills the job's processes): by the handler that was
+    installed before (submitit's, under hydra-submitit-launcher), or by ``scontrol requeue`` from rank 0 in
+    a plain SLURM job. Lightning's own SLURM handler (which would write an extra ``hpc_ckpt_<n>.ckpt`` and
+    requeue a second time) is not installed: see :func:`slurm_environment`. The requeued job runs the same
+    command in the same directory and resumes from ``last.ckpt`` (see :func:`resolve_ckpt_path`).
 
     Args:
         dirpath: the run's checkpoint folder.
@@ -274,19 +299,29 @@ class PreemptionCheckpoint(L.Callback):
         log.info("saved step %d to %s", trainer.global_step, path)
         previous = self._previous.get(signum)
         self._restore()
+        requeue = None
         if signum in self.requeue_signals:
-            self._requeue(trainer, signum, previous)
-        raise Preempted(signum, str(path))
+            requeue = functools.partial(self._requeue, trainer.is_global_zero, signum, previous)
+        raise Preempted(signum, str(path), requeue)
 
     @staticmethod
-    def _requeue(trainer: L.Trainer, signum: int, previous: Any) -> None:
+    def _requeue(is_global_zero: bool, signum: int, previous: Any) -> None:
         if callable(previous):  # submitit's handler: it requeues the job (and exits)
             previous(signum, None)
             return
         job = os.environ.get("SLURM_JOB_ID")
-        if job is None or not trainer.is_global_zero:
+        if job is None or not is_global_zero:
             return
         if os.environ.get("SLURM_ARRAY_JOB_ID"):
             job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+        log.info("scontrol requeue %s", job)
         result = subprocess.run(["scontrol", "requeue", job], check=False)
         log.info("scontrol requeue %s: exit %d", job, result.returncode)
+
+
+def slurm_environment() -> list[SLURMEnvironment]:
+    """Lightning's SLURM cluster environment without its requeue handler, in a SLURM job (else nothing).
+
+    Lightning's handler of SIGUSR1 saves ``hpc_ckpt_<n>.ckpt`` (a full checkpoint nothing removes) and runs
+    ``scontrol requeue``; :class:`PreemptionCheckpoint` already saves ``last.ckpt`` and requeues once."""
+    return [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []

@@ -3,14 +3,17 @@
 Lightning's ``WandbLogger`` reuses ``wandb.run`` when one is active, so without ``wandb.finish()`` inside
 the task function every job of a sequential multirun after the first logs into the first job's run
 (lightning-hydra-template#289, wandb#1314), and a crashed job is shown as finished. :func:`configure` names
-the run after the job's overrides and groups it by sweep; :func:`wandb_job` finishes it at the end of the
-job, with exit code 1 when the job failed (W&B shows it as failed), marking a pre-empted job as such.
+the run after the job's overrides, groups it by sweep and gives it an id derived from the job's run
+directory (resumed with ``resume="allow"``), so every segment of a pre-empted, requeued or resumed job
+logs into one W&B run; :func:`wandb_job` finishes it at the end of the job, with exit code 1 when the job
+failed (W&B shows it as failed), marking a pre-empted segment as such.
 Only global rank 0 ever creates a W&B run (Lightning's loggers are rank-zero only).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -42,9 +45,15 @@ def sweep_group(log_dir: str | None = None) -> str | None:
     return str(sweep_dir)
 
 
+def run_id(output_dir: str | Path) -> str:
+    """The W&B run id of the job in ``output_dir``: 16 hex digits of the SHA-1 of its absolute path, the same
+    in every segment of the job (a resume in place, a requeue) and different for every other run directory."""
+    return hashlib.sha1(str(Path(output_dir).resolve()).encode()).hexdigest()[:16]
+
+
 def configure(cfg: DictConfig) -> None:
-    """Fill the W&B logger's ``name`` (the job's overrides) and ``group`` (the sweep, else ``task_name``) where
-    the config leaves them null."""
+    """Fill the W&B logger's ``name`` (the job's overrides), ``group`` (the sweep, else ``task_name``) and
+    ``id`` (:func:`run_id` of the run directory) where the config leaves them null."""
     wandb_cfg = (cfg.get("logger") or {}).get("wandb")
     if wandb_cfg is None:
         return
@@ -54,6 +63,8 @@ def configure(cfg: DictConfig) -> None:
             wandb_cfg.name = job_name(overrides)
         if wandb_cfg.get("group") is None:
             wandb_cfg.group = sweep_group(cfg.paths.get("log_dir")) or str(cfg.task_name)
+        if wandb_cfg.get("id") is None:
+            wandb_cfg.id = run_id(cfg.paths.output_dir)
 
 
 SUMMARY_KEYS = ("best_val_miou", "final_val_miou", "teacher_val_miou", "global_step", "wall_time_s")
