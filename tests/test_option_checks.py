@@ -384,8 +384,12 @@ def run_error(cfg, capsys) -> str:
     """The stderr of :func:`rdd_lightning.train.run` on ``cfg`` as the entry point runs it (one ``error:``
     line and exit status 2 on a ConfigError)."""
     capsys.readouterr()
+    # a logger of its own: the root logger may still hold a console handler an earlier test's Hydra run bound to
+    # a capture stream that is closed now ("--- Logging error ---" on stderr)
+    log = logging.getLogger("rdd_lightning.tests.option_checks")
+    log.propagate = False
     with pytest.raises(SystemExit) as stop:
-        exit_on_config_error(lambda: run(cfg), logging.getLogger("test"))
+        exit_on_config_error(lambda: run(cfg), log)
     assert stop.value.code == 2
     return capsys.readouterr().err
 
