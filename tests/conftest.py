@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -42,6 +43,12 @@ def _offline_and_quiet(monkeypatch, tmp_path_factory):
     wandb = sys.modules.get("wandb")
     if wandb is not None and getattr(wandb, "run", None) is not None:
         wandb.finish()
+    # A Hydra run inside a test binds console handlers to that test's capture stream, closed after the test:
+    # a later log call through them prints "--- Logging error ---" into another test's stderr.
+    for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
+        for handler in list(getattr(logger, "handlers", [])):
+            if getattr(getattr(handler, "stream", None), "closed", False):
+                logger.removeHandler(handler)
 
 
 def compose_train_cfg(
