@@ -141,3 +141,26 @@ def test_torchrun_ranks_use_the_agents_start_time(monkeypatch):
     first = resolvers.run_stamp("%Y-%m-%d_%H-%M-%S.%f")
     time.sleep(0.05)
     assert resolvers.run_stamp("%Y-%m-%d_%H-%M-%S.%f") == first  # the parent's start, not now
+
+
+class _Exited:
+    """A rank process that has exited with ``status`` (``Popen.poll``'s value)."""
+
+    def __init__(self, status):
+        self.status = status
+
+    def poll(self):
+        return self.status
+
+
+def test_rank_observer_blames_a_rank_only_for_its_own_failure():
+    # rank 2 failed by itself (status 1): the job's failure is rank 2's, whatever rank 1 shows
+    assert launch.RankObserver([_Exited(0), _Exited(1)]).failed_rank() == (2, 1)
+    # ranks stopped by a pre-emption exit with 128 + signal: no failure
+    assert launch.RankObserver([_Exited(128 + 15), _Exited(128 + 10)]).failed_rank() is None
+    # killed with SIGKILL after the main process failed by itself (Lightning kills the others): not blamed
+    assert launch.RankObserver([_Exited(-9)]).failed_rank() is None
+    # ... unless the observer saw that rank die while the job ran
+    observer = launch.RankObserver([_Exited(-9)])
+    assert observer._check() and observer.failed_rank() == (1, -9)
+    assert str(launch.RankFailed(1, -9)).startswith("rank 1 was killed by SIGKILL; its log: ")

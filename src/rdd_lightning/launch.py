@@ -156,9 +156,11 @@ class RankObserver(threading.Thread):
         self._stopped.set()
 
     def failed_rank(self) -> tuple[int, int] | None:
-        """``(local rank, status)`` of the first rank that failed, if one did (read once more now)."""
-        if self.failure is None:
-            self._check()
+        """``(local rank, status)`` of the first rank that failed, if one did (read once more now). A rank
+        found killed by SIGKILL only now is not counted: when the main process fails by itself, Lightning
+        kills the other ranks with SIGKILL, and the job's error is then the main process's own."""
+        if self.failure is None and self._check() and self.failure[1] == -signal.SIGKILL:
+            self.failure = None
         return self.failure
 
     def run(self) -> None:
@@ -222,7 +224,7 @@ def ddp_job(module: str, output_dir: str | os.PathLike) -> Iterator[None]:
     try:
         yield
     except BaseException as err:
-        failure = next((o.failed_rank() for o in observers if o.failed_rank()), None)
+        failure = next(filter(None, (o.failed_rank() for o in observers)), None)
         if failure is None:
             raise
         raise RankFailed(*failure, cause=None if isinstance(err, RankFailureInterrupt) else err) from err
