@@ -358,6 +358,20 @@ def test_seed_sweep_trains_one_auto_teacher(tmp_path):
     assert used == {str(teachers[0].resolve())}
 
 
+def _tiny_teacher(train_cfg) -> Path:
+    """The best checkpoint of a 2-step ResNet-18 run: a teacher for the tests' distillation runs."""
+    return Path(
+        run(
+            train_cfg(
+                "distillation=none",
+                "student=resnet18_scratch",
+                "trainer.max_steps=2",
+                "trainer.val_check_interval=2",
+            )
+        )["best_checkpoint"]
+    )
+
+
 def _train_args(run_dir: Path, teacher: Path) -> list[str]:
     return [
         *CLI_TINY,
@@ -375,16 +389,7 @@ def _train_args(run_dir: Path, teacher: Path) -> list[str]:
 
 
 def test_killed_and_resumed_run_ends_with_the_uninterrupted_weights(tmp_path, train_cfg):
-    teacher = Path(
-        run(
-            train_cfg(
-                "distillation=none",
-                "student=resnet18_scratch",
-                "trainer.max_steps=2",
-                "trainer.val_check_interval=2",
-            )
-        )["best_checkpoint"]
-    )
+    teacher = _tiny_teacher(train_cfg)
     ok(cli(tmp_path, "train", *_train_args(tmp_path / "whole", teacher)))
 
     killed = tmp_path / "killed"
@@ -433,16 +438,7 @@ def test_requeued_single_task_sbatch_job_resumes_in_its_own_directory_and_w_and_
     run directory (derived from the job id, not the time) and the same W&B run id, and resumes. Lightning's
     own SLURM handler writes no hpc_ckpt; a second training of the segment gets a directory of its own; the
     finished run started again by a later requeue is left as it is."""
-    teacher = Path(
-        run(
-            train_cfg(
-                "distillation=none",
-                "student=resnet18_scratch",
-                "trainer.max_steps=2",
-                "trainer.val_check_interval=2",
-            )
-        )["best_checkpoint"]
-    )
+    teacher = _tiny_teacher(train_cfg)
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "scontrol").write_text(
